@@ -1,0 +1,49 @@
+"""EngineConfig: every knob of the engine in one dataclass, checked once at start."""
+from dataclasses import dataclass
+
+DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine settings; the handler maps the model-config.yaml ``handler:`` section onto these.
+
+    The KV pool is sized by ``num_blocks`` if given, else by ``kv_cache_bytes``, else by
+    ``kv_cache_memory_fraction`` of free device memory (CUDA) or of available RAM (CPU).
+    """
+    block_size: int = 16                     # tokens per KV block
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.3
+    max_num_seqs: int = 64                   # sequences in one step
+    max_num_batched_tokens: int = 512        # tokens (prefill + decode) in one step
+    max_model_len: int | None = None         # default: the checkpoint's max_position_embeddings
+    dtype: str = "float32"
+    device: str = "cpu"
+    attention_backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid engine config: {message}")
+        need(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+             f"block_size must be a power of two, got {self.block_size}")
+        need(self.num_blocks is None or self.num_blocks > 0,
+             f"num_blocks must be positive, got {self.num_blocks}")
+        need(self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
+             f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        need(0 < self.kv_cache_memory_fraction <= 1,
+             f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        need(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        need(self.max_num_batched_tokens >= self.max_num_seqs,
+             f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+             f"({self.max_num_seqs}) so every running sequence can decode in one step")
+        need(self.max_model_len is None or self.max_model_len > 0,
+             f"max_model_len must be positive, got {self.max_model_len}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.attention_backend in BACKENDS,
+             f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        need(self.device == "cpu" or self.device.startswith("cuda"),
+             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

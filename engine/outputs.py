@@ -1,0 +1,38 @@
+"""What the engine reports: per-request outputs and engine-wide statistics."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """A delta from ``LLMEngine.step`` (new text and ids), or a whole result from ``generate``.
+
+    ``finish_reason`` is None while the request runs, then one of stop, length, abort, error.
+    """
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    queue_time_s: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics; counters (``*_total``, preemptions) are cumulative."""
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_blocks_used: int
+    tokens_stored: int
+    kv_utilization: float          # tokens stored / (blocks used * block_size)
+    num_preemptions: int
+    num_chunked_prefills: int
+    peak_running: int
+    prompt_tokens_total: int
+    generation_tokens_total: int

@@ -1,0 +1,86 @@
+"""Sampler: one next token per sequence from its logits row and its SamplingParams.
+
+Everything runs batched over the rows except the random draw of seeded requests, which uses
+each request's own generator so its tokens do not depend on what else is in the batch.
+"""
+import torch
+
+from engine.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int]) -> None:
+        self.eos_token_ids = eos_token_ids
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits ``[len(seqs), vocab]`` (fp32, any device) -> one token id per sequence."""
+        logits = logits.float()
+        self._ban_early_stops(logits, seqs)
+        if any(s.params.penalized for s in seqs):
+            logits = self._penalize(logits, seqs)
+        greedy = logits.argmax(dim=-1)
+        if all(s.params.greedy for s in seqs):
+            return greedy.tolist()
+        device = logits.device
+        params = [s.params for s in seqs]
+        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        probs = self._filter(probs, params)
+        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
+        noise = torch.empty_like(probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None and not seq.params.greedy:
+                noise[row] = torch.empty(probs.shape[1]).exponential_(
+                    generator=seq.generator).to(device)
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        return torch.where(is_greedy, greedy, sampled).tolist()
+
+    def _ban_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Below min_tokens, EOS and stop_token_ids may not be sampled."""
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                if banned:
+                    logits[row, banned] = float("-inf")
+
+    def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Repetition penalty over prompt and output (HF rule); presence/frequency over output."""
+        vocab, device = logits.shape[1], logits.device
+        out_counts = torch.zeros_like(logits)
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        for row, seq in enumerate(seqs):
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            out_counts[row].index_add_(0, out, torch.ones(len(out), device=device))
+            seen[row, torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
+        assert out_counts.shape[1] == vocab
+        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+        freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
+        pres = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
+        return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+    def _filter(self, probs: torch.Tensor, params: list) -> torch.Tensor:
+        """Zero out tokens outside top-k, top-p (nucleus) and min-p; rows stay unnormalized."""
+        device = probs.device
+        top_k = [p.top_k if p.top_k > 0 else probs.shape[1] for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if any(k < probs.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            rank = torch.arange(probs.shape[1], device=device)[None, :]
+            sorted_probs = sorted_probs.masked_fill(
+                rank >= torch.tensor(top_k, device=device)[:, None], 0.0)
+            # Top-p over what top-k kept: keep a token while the mass before it is below top_p.
+            kept = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+            before = kept.cumsum(dim=-1) - kept
+            sorted_probs = sorted_probs.masked_fill(
+                before >= torch.tensor(top_p, device=device)[:, None], 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+        if any(m > 0 for m in min_p):
+            floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < floor, 0.0)
+        return probs

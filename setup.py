@@ -1,0 +1,29 @@
+"""Installs the engine, kernels and handlers packages (pip install -c constraints.txt -e .[dev])."""
+from setuptools import find_packages, setup
+
+setup(
+    name="torchserve-llm",
+    version="0.1.0",
+    description="Continuous batching, paged KV cache and Triton attention for LLMs in TorchServe",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
+                                    "handlers", "handlers.*"]),
+    install_requires=[
+        "torch>=2.4,<2.14",
+        "transformers>=4.56,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pydantic>=2.6,<3",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "serve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "requests>=2.31",
+                  "psutil>=5.9"],
+        "bench": ["matplotlib>=3.8", "requests>=2.31"],
+        "dev": ["triton>=3.1", "torchserve==0.12.0", "torch-model-archiver==0.12.0",
+                "requests>=2.31", "psutil>=5.9", "matplotlib>=3.8", "pytest>=8",
+                "hypothesis>=6.100", "openai>=1.40"],
+    },
+)

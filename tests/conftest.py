@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny checkpoints built once per test session, and the Triton interpreter.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` runs, so it is set at import here.
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, arch: str, **kwargs) -> Path:
+    from make_default_model import make_model
+    name = "-".join([arch] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
+    return make_model(tmp_path_factory.getbasetemp() / "models" / name, size="tiny", arch=arch,
+                      **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, request.param)
