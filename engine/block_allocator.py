@@ -41,10 +41,11 @@ class BlockAllocator:
 
     def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow (never shrink) the table of ``seq_id`` to cover ``num_tokens`` tokens."""
+        if not self.can_allocate(seq_id, num_tokens):
+            raise MemoryError(f"{seq_id} needs {self.blocks_for(num_tokens)} KV blocks in all, "
+                              f"{len(self.free_blocks)} free")
         table = self.tables.setdefault(seq_id, [])
         need = self.blocks_for(num_tokens) - len(table)
-        if need > len(self.free_blocks):
-            raise MemoryError(f"need {need} KV blocks, {len(self.free_blocks)} free")
         for _ in range(need):
             block = self.free_blocks.popleft()
             assert self.ref_counts[block] == 0
