@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
                                     "handlers", "handlers.*"]),
     install_requires=[
-        "torch>=2.4,<2.14",
+        "torch>=2.5,<2.14",
         "transformers>=4.56,<6",
         "tokenizers>=0.21",
         "safetensors>=0.4",

@@ -14,19 +14,18 @@ Shapes, shared by both implementations:
   blocks are ignored).
 """
 import torch
+import torch.nn.functional as F
 
 
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write each token's K/V into its cache slot; slots of -1 are skipped."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    block_size = k_cache.shape[1]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    assert flat_k.data_ptr() == k_cache.data_ptr() and block_size > 0
-    flat_k[slots] = key[keep].to(k_cache.dtype)
-    flat_v[slots] = value[keep].to(v_cache.dtype)
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
 def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -34,8 +33,9 @@ def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cach
                               query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged K/V; returns query's shape.
 
-    Decode rows (q_len 1) are computed together in one batched product; sequences with longer
-    queries (prefill chunks) one at a time, so no work is spent on padding queries.
+    Decode rows (q_len 1) are computed together in one batched call, padded to the longest
+    context and masked; sequences with longer queries (prefill chunks) one at a time, so no
+    work is spent on padding queries.
     """
     out = torch.empty_like(query)
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
@@ -50,7 +50,7 @@ def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cach
         mask = torch.arange(ctx, device=query.device)[None, :] < lens_t[:, None]
         out[rows] = _attend(query[rows].unsqueeze(1), k, v, mask[:, None, :], scale).squeeze(1)
     for i, q_len in enumerate(q_lens):
-        if q_len == 1 or q_len == 0:
+        if q_len <= 1:
             continue
         seq_len, start = lens[i], starts[i]
         k, v = _gather(k_cache, v_cache, block_tables[i:i + 1], seq_len)
@@ -74,15 +74,11 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Te
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             scale: float) -> torch.Tensor:
-    """q ``[n, lq, h, d]``, k/v ``[n, lk, kvh, d]``, mask ``[n, lq, lk]`` -> ``[n, lq, h, d]``."""
-    n, lq, h, d = q.shape
-    kvh = k.shape[2]
-    group = h // kvh
-    qf = q.float().view(n, lq, kvh, group, d).permute(0, 2, 3, 1, 4)   # n kvh g lq d
-    kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)                    # n kvh 1 lk d
-    vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)
-    scores = (qf @ kf.transpose(-1, -2)) * scale                       # n kvh g lq lk
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    o = probs @ vf                                                     # n kvh g lq d
-    return o.permute(0, 3, 1, 2, 4).reshape(n, lq, h, d).to(q.dtype)
+    """q ``[n, lq, h, d]``, k/v ``[n, lk, kvh, d]``, mask ``[n, lq, lk]`` -> ``[n, lq, h, d]``.
+
+    fp32 math whatever the storage dtype; query heads share KV heads in groups (GQA).
+    """
+    o = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).to(q.dtype)
