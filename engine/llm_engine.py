@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
@@ -25,7 +25,7 @@ class LLMEngine:
         self.config = EngineConfig(**engine_args)
         model_path = str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        spec = read_spec(__import__("transformers").AutoConfig.from_pretrained(model_path))
+        spec = read_spec(AutoConfig.from_pretrained(model_path))
         limit = spec.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or limit, limit)
         self.eos_token_ids = _eos_ids(model_path, self.tokenizer)
@@ -72,7 +72,7 @@ class LLMEngine:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"token ids must be ints in [0, {vocab}); got {bad[:3]}")
-        if not ids or (isinstance(prompt, str) and not prompt.strip() and not ids):
+        if not ids:
             raise ValueError("prompt is empty")
         return ids
 

@@ -26,7 +26,8 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
-        kernels.set_backend(config.attention_backend)
+        if config.attention_backend != "auto":      # "auto" leaves KERNELS_BACKEND in force
+            kernels.set_backend(config.attention_backend)
         self.model: CausalLM = load_model(model_path, self.dtype, config.device, max_model_len)
         self.sampler = Sampler(eos_token_ids)
         self.num_blocks = self._size_pool()
@@ -62,17 +63,17 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch, allocator: BlockAllocator) -> list[int | None]:
         """Forward ``batch``; returns the sampled token per sequence (None for partial chunks)."""
-        ids, positions, sample_rows = [], [], []
+        ids, starts, sample_rows = [], [], []
         seq_lens, q_starts = [], [0]
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + num_new])
-            positions.append((start, start + num_new))
+            starts.append(start)
             seq_lens.append(start + num_new)
             q_starts.append(q_starts[-1] + num_new)
             if start + num_new == seq.num_tokens:
                 sample_rows.append(len(seq_lens) - 1)
-        meta, pos = self._metadata(batch, allocator, positions, seq_lens, q_starts)
+        meta, pos = self._metadata(batch, allocator, starts, seq_lens, q_starts)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta)
         tokens: list[int | None] = [None] * len(batch.seqs)
@@ -84,7 +85,7 @@ class ModelRunner:
                 tokens[r] = token
         return tokens
 
-    def _metadata(self, batch: Batch, allocator: BlockAllocator, positions: list[tuple[int, int]],
+    def _metadata(self, batch: Batch, allocator: BlockAllocator, starts: list[int],
                   seq_lens: list[int], q_starts: list[int]
                   ) -> tuple[AttentionMetadata, torch.Tensor]:
         tables = [allocator.table(seq.request_id) for seq in batch.seqs]
@@ -93,8 +94,9 @@ class ModelRunner:
                                     dtype=torch.int32)
         q_lens = torch.tensor(batch.num_new_tokens)
         row = torch.repeat_interleave(torch.arange(len(tables)), q_lens)
-        starts = torch.tensor([p[0] for p in positions])
-        pos = starts[row] + torch.arange(len(row)) - torch.tensor(q_starts[:-1])[row]
+        # Token j of sequence r sits at position starts[r] + (j - q_starts[r]).
+        offsets = torch.tensor(starts) - torch.tensor(q_starts[:-1])
+        pos = offsets[row] + torch.arange(len(row))
         bs = self.config.block_size
         slots = block_tables[row, pos // bs].long() * bs + pos % bs
         to = dict(device=self.device, non_blocking=True)
