@@ -16,6 +16,8 @@ Shapes, shared by both implementations:
 import torch
 import torch.nn.functional as F
 
+_DECODE_GROUP = 16     # decode rows per batched call
+
 
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -33,20 +35,21 @@ def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cach
                               query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged K/V; returns query's shape.
 
-    Decode rows (q_len 1) are computed together in one batched call, padded to the longest
-    context and masked; sequences with longer queries (prefill chunks) one at a time, so no
-    work is spent on padding queries.
+    Decode rows (q_len 1) are sorted by context length and computed in groups, each padded to
+    its longest context and masked, so padding stays small; sequences with longer queries
+    (prefill chunks) one at a time, so no work is spent on padding queries.
     """
     out = torch.empty_like(query)
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     lens = seq_lens.tolist()
     starts = query_start_loc[:-1].tolist()
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
-    if decode:
-        rows = torch.tensor([starts[i] for i in decode], device=query.device)
-        ctx = max(lens[i] for i in decode)
-        k, v = _gather(k_cache, v_cache, block_tables[decode], ctx)
-        lens_t = torch.tensor([lens[i] for i in decode], device=query.device)
+    decode = sorted((i for i, n in enumerate(q_lens) if n == 1), key=lambda i: lens[i])
+    for g in range(0, len(decode), _DECODE_GROUP):
+        group = decode[g:g + _DECODE_GROUP]
+        rows = torch.tensor([starts[i] for i in group], device=query.device)
+        ctx = lens[group[-1]]
+        k, v = _gather(k_cache, v_cache, block_tables[group], ctx)
+        lens_t = torch.tensor([lens[i] for i in group], device=query.device)
         mask = torch.arange(ctx, device=query.device)[None, :] < lens_t[:, None]
         out[rows] = _attend(query[rows].unsqueeze(1), k, v, mask[:, None, :], scale).squeeze(1)
     for i, q_len in enumerate(q_lens):
