@@ -22,6 +22,12 @@ def _build(tmp_path_factory: pytest.TempPathFactory, arch: str, **kwargs) -> Pat
 
 
 @pytest.fixture(scope="session")
+def build_tiny(tmp_path_factory: pytest.TempPathFactory):
+    """Builds (once per settings) a tiny checkpoint: ``build_tiny("llama", shards=2)``."""
+    return lambda arch, **kwargs: _build(tmp_path_factory, arch, **kwargs)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, "llama")
 

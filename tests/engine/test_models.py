@@ -9,9 +9,8 @@ from engine.models.rope import inverse_frequencies
 
 @pytest.fixture(scope="module", params=[dict(rope_scaling="llama3"), dict(shards=3)],
                 ids=["llama3-rope", "sharded"])
-def variant(request, tmp_path_factory):
-    from conftest import _build
-    return _build(tmp_path_factory, "llama", **request.param)
+def variant(request, build_tiny):
+    return build_tiny("llama", **request.param)
 
 
 def test_variant_matches_transformers(variant):

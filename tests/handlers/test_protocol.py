@@ -1,0 +1,100 @@
+"""Request parsing and response framing, without a server."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from handlers.framing import Framer
+from handlers.protocol import RequestError, parse_request
+from handlers.settings import HandlerSettings
+
+
+class Tok:
+    chat_template = None
+
+
+def parse(body, path: str = "", **kw):
+    return parse_request({"body": body}, path, Tok(), **kw)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": ""}, "prompt"), ({"prompt": 3}, "prompt"), ({"prompt": ["a"]}, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "lots"}, "max_tokens"),
+    ({"prompt": "x", "temperature": math.nan}, "temperature"),
+    ({"prompt": "x", "top_p": math.inf}, "top_p"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "colour": 1}, "colour"),
+    ({}, "prompt"),
+])
+def test_bad_bodies_name_the_field(body, field):
+    with pytest.raises(RequestError) as err:
+        parse(body)
+    assert err.value.status == 400 and err.value.message.startswith(field)
+    assert err.value.param == field
+
+
+def test_not_json_and_unknown_route():
+    for raw in (b"{oops", "plain text", None, b"[1, 2]"):
+        with pytest.raises(RequestError, match="JSON"):
+            parse_request({"body": raw}, "", Tok())
+    with pytest.raises(RequestError) as err:
+        parse({"prompt": "x"}, "v2/whatever")
+    assert err.value.status == 404
+
+
+def test_native_and_openai_bodies():
+    req = parse({"prompt": [5, 6], "stream": True, "temperature": 0, "stop": "x"})
+    assert req.api == "generate" and req.prompt == [5, 6] and req.stream
+    assert req.params.stop == ["x"] and req.params.max_tokens == 16
+    req = parse({"model": "llm", "prompt": ["only one"], "max_tokens": 3, "user": "u",
+                 "stream_options": {"include_usage": True}, "stream": True}, "v1/completions")
+    assert req.api == "completions" and req.prompt == "only one" and req.include_usage
+    req = parse({"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+                 "max_completion_tokens": 7}, "v1/chat/completions")
+    assert req.prompt == "user: hi\nassistant:" and req.params.max_tokens == 7
+    assert parse(None, "v1/models").api == "models"
+    with pytest.raises(RequestError, match="max_tokens"):
+        parse({"prompt": "x", "max_tokens": 99}, max_tokens_limit=50)
+
+
+def finished(text=("a", "b"), reason="length"):
+    return SimpleNamespace(text=list(text), token_ids=[1, 2], finish_reason=reason, error=None,
+                           prompt_tokens=3, completion_tokens=2, finished=True)
+
+
+def test_ndjson_last_line_has_finish_and_usage():
+    framer = Framer("generate", True, False, "r1", "llm")
+    outs = [SimpleNamespace(text="a", token_ids=[1]), SimpleNamespace(text="b", token_ids=[2])]
+    lines = framer.chunk(outs, finished()).splitlines()
+    assert [json.loads(x)["text"] for x in lines] == ["a", "b"]
+    assert json.loads(lines[-1])["usage"]["total_tokens"] == 5
+    assert "finish_reason" not in json.loads(lines[0])
+    whole = json.loads(Framer("generate", False, False, "r1", "llm").whole(finished()))
+    assert whole["text"] == "ab" and whole["finish_reason"] == "length"
+
+
+def test_sse_chunks_end_with_done():
+    framer = Framer("chat", True, True, "r1", "llm")
+    body = framer.chunk([SimpleNamespace(text="hey", token_ids=[1])], finished(reason="abort"))
+    events = [e for e in body.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["choices"][0]["delta"] == {"content": "hey", "role": "assistant"}
+    assert json.loads(events[1][6:])["choices"][0]["finish_reason"] == "stop"
+    assert json.loads(events[2][6:])["usage"]["completion_tokens"] == 2
+
+
+def test_settings_resolve_model_path(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    ctx = SimpleNamespace(model_yaml_config={"handler": {"model_path": "checkpoint",
+                                                          "max_num_seqs": 8}},
+                          system_properties={"model_dir": str(tmp_path)})
+    settings = HandlerSettings.from_context(ctx)
+    assert settings.model_path == str(tmp_path / "checkpoint")
+    assert settings.engine_args()["max_num_seqs"] == 8
+    ctx.model_yaml_config["handler"]["max_num_sqs"] = 8
+    with pytest.raises(ValueError, match="max_num_sqs"):
+        HandlerSettings.from_context(ctx)
