@@ -1,0 +1,158 @@
+"""ContinuousBatchingHandler: an LLMEngine behind TorchServe, streaming tokens as they come.
+
+Worker mode: ``continuousBatching: true``, chosen over ``asyncCommunication`` because only it
+shows client disconnects (the request is left out of the next call), fails requests one by
+one, and has a single writer on the worker socket (async mode corrupted it under load); its
+cost is one round trip per call, 0.8-5.4 ms (docs/serving.md has the measurements). The
+frontend calls ``handle`` once per round trip with every in-flight request of this worker
+(already-seen ones arrive as empty dicts) plus new ones; what ``handle`` returns for a request
+is its next HTTP chunk, and ``context.stopping_criteria`` says whether that chunk is the last.
+The engine steps in a background thread (handlers.engine_loop); ``handle`` waits up to
+``step_wait_s`` for new tokens and returns whatever each request has pending.
+
+Rules learned from TorchServe 0.12 (docs/serving.md, "Wire rules"):
+- a request that ends in its first response gets criterion None (a plain, complete response
+  with its own status: how 4xx errors reach the client); True there would hang the client;
+- once a chunk was sent the status is fixed: later errors travel in the last chunk;
+- "" puts nothing on the wire (an empty chunk would end the body), so idle requests get "";
+- a request missing from a call was dropped by the frontend (client gone): abort it; a lease
+  renewed by every call covers the last request, after which no call comes at all;
+- should a request answered with a complete response be sent again (TorchServe's source
+  allows it on a kept-alive connection; not observed in 0.12.0), answer "" with criterion
+  True, which retires it.
+"""
+import json
+import logging
+import time
+from typing import Any
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from engine import LLMEngine
+from handlers.engine_loop import EngineLoop
+from handlers.framing import Framer, error_body
+from handlers.protocol import ParsedRequest, RequestError, parse_request
+from handlers.settings import HandlerSettings
+from handlers.stream_metrics import StreamMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class ContinuousBatchingHandler(BaseHandler):
+    """One LLMEngine per worker; one HTTP chunk per request per ``handle`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: EngineLoop | None = None
+        self.settings: HandlerSettings | None = None
+        self.framers: dict[str, Framer] = {}   # in-flight requests, by TorchServe request id
+        self.started: set[str] = set()         # requests whose first chunk went out
+        self.closed: set[str] = set()          # answered with a complete response
+        self.model_name = ""
+
+    def initialize(self, context: Any) -> None:
+        self.settings = HandlerSettings.from_context(context)
+        self.model_name = context.model_name
+        engine = LLMEngine(self.settings.model_path, **self.settings.engine_args())
+        metrics = StreamMetrics(context.metrics, context.model_name)
+        self.loop = EngineLoop(engine, self.settings.lease_s, metrics,
+                               self.settings.metrics_interval_s)
+        self.loop.start()
+        self.context = context
+        self.initialized = True
+        logger.info("engine ready: %s", engine.config)
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        assert self.loop is not None and self.settings is not None
+        ids = [context.get_request_id(idx) for idx in range(len(data))]
+        self._abort_missing(set(ids))
+        self.loop.renew(ids)
+        replies: list[str] = [""] * len(data)
+        verdicts: list[bool | None] = [False] * len(data)
+        answered = False
+        for idx, (rid, request) in enumerate(zip(ids, data)):
+            if rid in self.framers:
+                continue
+            if rid in self.closed:     # answered already; TorchServe sent it once more
+                logger.debug("request %s: retiring after its complete response", rid)
+                self.closed.discard(rid)
+                verdicts[idx] = True
+                continue
+            reply = self._admit(idx, rid, request, context)
+            if reply is not None:
+                replies[idx], verdicts[idx] = reply, None
+                self.closed.add(rid)
+                answered = True
+        inflight = [rid for rid in ids if rid in self.framers]
+        if inflight:
+            self.loop.wait(inflight, 0.0 if answered else self.settings.step_wait_s)
+        for idx, rid in enumerate(ids):
+            if rid in self.framers:
+                replies[idx], verdicts[idx] = self._next_chunk(idx, rid, context)
+        context.stopping_criteria = [lambda _reply, v=v: v for v in verdicts]
+        return replies
+
+    def _admit(self, idx: int, rid: str, request: dict[str, Any], context: Any) -> str | None:
+        """Start a new request; returns a complete response when it is answered at once."""
+        url_path = context.get_request_header(idx, "url_path") or ""
+        try:
+            parsed = parse_request(request, url_path, self.loop.engine.tokenizer,
+                                   self.settings.default_max_tokens,
+                                   self.settings.max_tokens_limit)
+            if parsed.api in ("models", "stats"):
+                context.set_response_content_type(idx, "application/json")
+                return json.dumps(self._info(parsed))
+            self.loop.submit(rid, parsed.prompt, parsed.params)
+        except RequestError as err:
+            return self._error(idx, err, context)
+        except ValueError as exc:       # the engine refused it: too long, out of vocab, ...
+            return self._error(idx, RequestError(str(exc), param="prompt"), context)
+        self.framers[rid] = Framer(parsed.api, parsed.stream, parsed.include_usage, rid,
+                                   self.model_name)
+        return None
+
+    def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None]:
+        framer = self.framers[rid]
+        context.set_response_content_type(idx, framer.content_type)
+        drained = self.loop.drain(rid)
+        first = rid not in self.started
+        if drained is None:             # aborted behind our back (lease lapsed)
+            self._forget(rid)
+            return "", True
+        stream, outputs = drained
+        if framer.stream:
+            reply = framer.chunk(outputs, stream)
+        else:
+            reply = framer.whole(stream) if stream.finished else ""
+        if not stream.finished:
+            self.started.add(rid)
+            return reply, False
+        self._forget(rid)
+        if first:
+            self.closed.add(rid)
+            return reply, None
+        return reply, True
+
+    def _abort_missing(self, present: set[str]) -> None:
+        for rid in list(self.framers):
+            if rid not in present:
+                logger.info("request %s: client gone, aborting", rid)
+                self.loop.abort(rid)
+                self._forget(rid)
+        self.closed &= present
+
+    def _forget(self, rid: str) -> None:
+        self.framers.pop(rid, None)
+        self.started.discard(rid)
+
+    def _error(self, idx: int, err: RequestError, context: Any) -> str:
+        context.set_response_status(err.status, err.message[:200], idx)
+        context.set_response_content_type(idx, "application/json")
+        return error_body(err)
+
+    def _info(self, parsed: ParsedRequest) -> dict[str, Any]:
+        if parsed.api == "stats":
+            return self.loop.stats()
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": int(time.time()),
+                                            "owned_by": "torchserve-llm"}]}

@@ -1,0 +1,189 @@
+"""Request parsing: TorchServe's request dict -> a validated ParsedRequest, or a RequestError.
+
+Routes come from TorchServe's extra URL path segments, which the 0.12 frontend hands to the
+worker as the ``url_path`` request header (``/predictions/<model>/<version>/v1/completions``
+gives ``v1/completions``; no extra segments give ""). Bodies are validated with pydantic; a
+violation is a 400 whose message names the field. Nothing here touches the engine's state.
+"""
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      ValidationError)
+
+from engine import SamplingParams
+
+Api = Literal["generate", "completions", "chat", "models", "stats"]
+ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completions": "completions",
+                          "v1/chat/completions": "chat", "v1/models": "models", "stats": "stats"}
+_TYPE_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
+OPENAI_IGNORED = ("model", "user", "n", "stream_options", "max_completion_tokens", "messages",
+                  "prompt", "stream", "logit_bias", "echo", "logprobs", "suffix", "best_of",
+                  "top_logprobs", "parallel_tool_calls", "response_format")
+
+
+class RequestError(Exception):
+    """A client error: HTTP status, message, and the offending field (if any)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+@dataclass
+class ParsedRequest:
+    api: Api
+    prompt: str | list[int] | None = None
+    params: SamplingParams | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+
+class GenerateBody(BaseModel):
+    """Native route: prompt, stream, and SamplingParams' fields by vLLM's names."""
+    model_config = ConfigDict(extra="allow")
+    prompt: StrictStr | list[StrictInt]
+    stream: StrictBool = False
+
+
+class StaticGenerateBody(BaseModel):
+    """The static-batching LLM baseline's body (handlers/static_llm.py)."""
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    ignore_eos: StrictBool = False
+
+
+class ClassifyBody(BaseModel):
+    """The text classifier's body (handlers/text_classifier.py)."""
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+
+
+class CompletionBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    stream: StrictBool = False
+    n: int = Field(1, ge=1, le=1)
+    echo: StrictBool = Field(False)
+    logprobs: None = None
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(part.get("text", "")) for part in self.content
+                       if part.get("type") == "text")
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: StrictBool = False
+    n: int = Field(1, ge=1, le=1)
+    max_completion_tokens: int | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+def field_error(exc: ValidationError) -> RequestError:
+    """The first pydantic error as a message naming its field."""
+    err = exc.errors()[0]
+    # drop pydantic's union-member tags ("str", "list[int]") so the name is the field's own
+    parts = [str(p) for p in err.get("loc", ()) if not _TYPE_TAG.fullmatch(str(p))]
+    loc = ".".join(parts)
+    message = err.get("msg", "invalid value")
+    if parts[:1] == ["prompt"]:
+        message = "must be a non-empty string or a list of integer token ids"
+    if err.get("type") == "extra_forbidden":
+        message = "unknown field"
+    return RequestError(f"{loc}: {message}" if loc else message, param=loc or None)
+
+
+def decode_body(request: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object of a request; TorchServe pre-parses application/json bodies."""
+    body = request.get("body")
+    if body is None:
+        body = request.get("data")
+    if body is None:
+        raise RequestError("request body must be a JSON object sent with "
+                           "Content-Type: application/json")
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", errors="replace")
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    return body
+
+
+def sampling_params(fields: dict[str, Any], default_max_tokens: int,
+                    max_tokens_limit: int | None) -> SamplingParams:
+    fields = dict(fields)
+    if fields.get("max_tokens") is None:
+        fields["max_tokens"] = default_max_tokens
+    try:
+        params = SamplingParams(**fields)
+    except ValidationError as exc:
+        raise field_error(exc) from exc
+    if max_tokens_limit is not None and params.max_tokens > max_tokens_limit:
+        raise RequestError(f"max_tokens: must be <= {max_tokens_limit} on this server",
+                           param="max_tokens")
+    return params
+
+
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
+    """The tokenizer's chat template; a plain "role: text" layout if it has none."""
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+
+
+def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
+                  default_max_tokens: int = 16,
+                  max_tokens_limit: int | None = None) -> ParsedRequest:
+    api = ROUTES.get(url_path.strip("/"))
+    if api is None:
+        raise RequestError(f"unknown route {url_path!r}; use /v1/completions, "
+                           f"/v1/chat/completions, /v1/models or no extra path", status=404)
+    if api in ("models", "stats"):
+        return ParsedRequest(api=api)
+    body = decode_body(request)
+    try:
+        if api == "generate":
+            parsed = GenerateBody.model_validate(body)
+            extra, prompt = dict(parsed.model_extra or {}), parsed.prompt
+        elif api == "completions":
+            parsed = CompletionBody.model_validate(body)
+            extra, prompt = dict(parsed.model_extra or {}), parsed.prompt
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+                if len(prompt) != 1:
+                    raise RequestError("prompt: only one prompt per request", param="prompt")
+                prompt = prompt[0]
+        else:
+            parsed = ChatBody.model_validate(body)
+            extra = dict(parsed.model_extra or {})
+            if parsed.max_completion_tokens is not None:
+                extra["max_tokens"] = parsed.max_completion_tokens
+            prompt = chat_prompt(tokenizer, parsed.messages)
+    except ValidationError as exc:
+        raise field_error(exc) from exc
+    if not prompt:
+        raise RequestError("prompt: must not be empty", param="prompt")
+    for key in OPENAI_IGNORED if api != "generate" else ():
+        extra.pop(key, None)
+    params = sampling_params(extra, default_max_tokens, max_tokens_limit)
+    options = getattr(parsed, "stream_options", None) or {}
+    return ParsedRequest(api=api, prompt=prompt, params=params, stream=parsed.stream,
+                         include_usage=bool(options.get("include_usage")))

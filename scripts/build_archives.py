@@ -1,0 +1,98 @@
+"""Builds the TorchServe model archives (.mar) into archives/, building the default models first.
+
+Three archives: ``llm`` (continuous batching, streaming), ``llm_static`` (the same checkpoint
+with classic static batching) and ``classifier`` (scripts/make_classifier.py). Each .mar holds
+its handler entry file, its config/<name>.model-config.yaml and the checkpoint (as
+``checkpoint/``); the engine, kernels and handlers packages are not copied in: they are
+installed in the server's environment (``pip install -e .``), so code changes need no rebuild.
+An archive is rebuilt only when its inputs changed (a stamp beside it) or with ``--force``.
+
+    python scripts/build_archives.py                 # default model (trained once, ~4 min)
+    python scripts/build_archives.py --size tiny     # tests
+    python scripts/build_archives.py --model-path /path/to/hf-llama-checkpoint
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import subprocess
+import tempfile
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHIVES = {  # name: (handler entry file, model kind)
+    "llm": ("continuous_batching.py", "llm"),
+    "llm_static": ("static_llm.py", "llm"),
+    "classifier": ("text_classifier.py", "classifier"),
+}
+
+
+def ensure_checkpoints(size: str, models_dir: Path, llm_path: Path | None) -> dict[str, Path]:
+    """The LLM and classifier checkpoints, built (deterministically, offline) when missing."""
+    from scripts.make_classifier import make_classifier
+    if llm_path is None:
+        from scripts.make_default_model import make_model
+        llm_path = make_model(models_dir / f"{size}-llama", size=size, arch="llama")
+    return {"llm": Path(llm_path).resolve(),
+            "classifier": Path(make_classifier(models_dir / "classifier")).resolve()}
+
+
+def archive_cmd(name: str, handler: Path, config: Path, staged: Path, out: Path) -> list[str]:
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    return [str(archiver if archiver.exists() else "torch-model-archiver"),
+            "--model-name", name, "--version", "1.0", "--handler", str(handler),
+            "--config-file", str(config), "--extra-files", str(staged),
+            "--export-path", str(out), "--archive-format", "zip-store", "--force"]
+
+
+def build_archive(name: str, checkpoint: Path, out: Path, force: bool = False) -> Path:
+    handler_file, _ = ARCHIVES[name]
+    handler = ROOT / "handlers" / handler_file
+    config = ROOT / "config" / f"{name}.model-config.yaml"
+    archive, stamp_file = out / f"{name}.mar", out / f".{name}.stamp.json"
+    stamp = {"checkpoint": str(checkpoint),
+             "checkpoint_mtime": max(p.stat().st_mtime for p in checkpoint.iterdir()),
+             "config": config.read_text(), "handler": handler.read_text()}
+    if not force and archive.exists() and stamp_file.exists() \
+            and json.loads(stamp_file.read_text()) == stamp:
+        return archive
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-stage-") as stage:
+        # the archiver copies a directory's contents to the archive root: stage
+        # <stage>/checkpoint -> checkpoint so the weights land in checkpoint/
+        (Path(stage) / "checkpoint").symlink_to(checkpoint, target_is_directory=True)
+        subprocess.run(archive_cmd(name, handler, config, Path(stage), out), check=True)
+    stamp_file.write_text(json.dumps(stamp))
+    return archive
+
+
+def build_all(size: str = "default", models_dir: Path = ROOT / "models",
+              out: Path = ROOT / "archives", llm_path: Path | None = None,
+              names: tuple[str, ...] = tuple(ARCHIVES), force: bool = False) -> dict[str, Path]:
+    checkpoints = ensure_checkpoints(size, Path(models_dir), llm_path)
+    return {name: build_archive(name, checkpoints[ARCHIVES[name][1]], Path(out), force)
+            for name in names}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["tiny", "default"], default="default",
+                        help="which generated LLM to package (ignored with --model-path)")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="a local Hugging Face checkpoint directory to serve instead")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--out", type=Path, default=ROOT / "archives")
+    parser.add_argument("--names", default=",".join(ARCHIVES), help="archives to build")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = parser.parse_args(argv)
+    built = build_all(args.size, args.models_dir, args.out, args.model_path,
+                      tuple(n for n in args.names.split(",") if n), args.force)
+    for name, path in built.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

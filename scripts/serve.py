@@ -1,0 +1,233 @@
+"""Starts TorchServe with the LLM and the static-batching models, waits until every model is
+READY, and prints how to call each; ``--stop`` stops it; ``--demo`` also builds everything
+first and streams one sample request token by token.
+
+Everything a server writes lives in its run directory (default logs/server): the rendered
+config.properties, logs, Java's tmpdir (worker sockets, unpacked archives), TorchServe's PID
+file and key_file.json (token authorization is on by default; the keys are read from there).
+
+    python scripts/serve.py --demo            # build models + archives, start, stream a sample
+    python scripts/serve.py                   # start with archives/ as they are
+    python scripts/serve.py --stop
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_DIR = ROOT / "logs" / "server"
+MODELS = ("llm", "llm_static", "classifier")
+PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+DEFAULT_PORTS = dict(zip(PORT_KEYS, (8080, 8081, 8082, 7070, 7071)))
+
+
+@dataclass
+class Server:
+    run_dir: Path
+    ports: dict[str, int]
+    pid: int
+    inference_key: str | None
+    management_key: str | None
+
+    def url(self, kind: str = "inference") -> str:
+        return f"http://127.0.0.1:{self.ports[kind]}"
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        key = self.inference_key if kind == "inference" else self.management_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def free_ports(n: int = len(PORT_KEYS)) -> dict[str, int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return dict(zip(PORT_KEYS, ports))
+
+
+def render_config(run_dir: Path, ports: dict[str, int], model_store: Path) -> Path:
+    """config/config.properties with this run's ports, absolute paths and Java tmpdir."""
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{ports['inference']}",
+        "management_address": f"http://127.0.0.1:{ports['management']}",
+        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
+        "metrics_config": str(ROOT / "config" / "metrics.yaml"),
+        "model_store": str(model_store),
+        "vmargs": f"-Xmx1g -Djava.io.tmpdir={run_dir / 'java-tmp'}",
+    }
+    lines = []
+    for line in (ROOT / "config" / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in overrides and not line.lstrip().startswith("#"):
+            line = f"{key}={overrides.pop(key)}"
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items()]
+    path = run_dir / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_keys(run_dir: Path) -> tuple[str | None, str | None]:
+    path = run_dir / "key_file.json"
+    if not path.exists():
+        return None, None
+    keys = json.loads(path.read_text())
+    return keys["inference"]["key"], keys["management"]["key"]
+
+
+def start_server(model_store: Path, models: tuple[str, ...] = MODELS, run_dir: Path = RUN_DIR,
+                 ports: dict[str, int] | None = None, token_auth: bool = True,
+                 timeout_s: float = 300) -> Server:
+    """Start TorchServe in the background and return once every model is READY."""
+    run_dir = Path(run_dir).resolve()
+    for sub in ("logs", "java-tmp", "tmp"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    ports = ports or dict(DEFAULT_PORTS)
+    config = render_config(run_dir, ports, Path(model_store).resolve())
+    env = dict(os.environ, LOG_LOCATION=str(run_dir / "logs"),
+               METRICS_LOCATION=str(run_dir / "logs"), TMPDIR=str(run_dir / "tmp"))
+    torchserve = Path(sys.executable).with_name("torchserve")
+    cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start", "--ncs",
+           "--model-store", str(Path(model_store).resolve()), "--ts-config", str(config),
+           "--models", *[f"{m}={m}.mar" for m in models]]
+    if not token_auth:
+        cmd.append("--disable-token-auth")
+    with open(run_dir / "logs" / "torchserve.out", "ab") as out:
+        subprocess.run(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                       check=True)
+    pid = int((run_dir / "tmp" / ".model_server.pid").read_text().strip())
+    server = Server(run_dir, ports, pid, None, None)
+    try:
+        wait_ready(server, models, token_auth, timeout_s)
+    except BaseException:
+        stop_server(run_dir)
+        raise
+    return server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_ready(server: Server, models: tuple[str, ...], token_auth: bool,
+               timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(models)
+    while pending:
+        if not _alive(server.pid):
+            raise RuntimeError(f"TorchServe exited; see {server.run_dir / 'logs'}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"models not READY after {timeout_s}s: {pending}; "
+                               f"see {server.run_dir / 'logs'}")
+        if token_auth and server.management_key is None:
+            server.inference_key, server.management_key = read_keys(server.run_dir)
+        try:
+            reply = requests.get(f"{server.url('management')}/models/{pending[0]}",
+                                 headers=server.headers("management"), timeout=5)
+            workers = reply.json()[0]["workers"] if reply.ok else []
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            workers = []
+        if workers and all(w.get("status") == "READY" for w in workers):
+            pending.pop(0)
+        else:
+            time.sleep(0.5)
+
+
+def stop_server(run_dir: Path = RUN_DIR, timeout_s: float = 60) -> bool:
+    """Stop the server whose PID file is in ``run_dir``; wait for Java to exit."""
+    pid_file = Path(run_dir) / "tmp" / ".model_server.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().strip())
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def usage(server: Server) -> str:
+    auth = (f' -H "Authorization: Bearer {server.inference_key}"'
+            if server.inference_key else "")
+    base = f"{server.url()}/predictions"
+    js = '-H "Content-Type: application/json"'
+    return "\n".join([
+        f"TorchServe is up (run dir {server.run_dir}; keys in key_file.json there).",
+        "Streamed generation (NDJSON, one object per delta):",
+        f"  curl -N{auth} {js} {base}/llm -d '{{\"prompt\": \"Once upon a time\", "
+        f"\"max_tokens\": 64, \"stream\": true}}'",
+        "OpenAI completions (server-sent events):",
+        f"  curl -N{auth} {js} {base}/llm/1.0/v1/completions -d '{{\"model\": \"llm\", "
+        f"\"prompt\": \"Hello\", \"max_tokens\": 32, \"stream\": true}}'",
+        "Static-batching baseline, same model:",
+        f"  curl{auth} {js} {base}/llm_static -d '{{\"prompt\": \"Hello\", \"max_tokens\": 32}}'",
+        "Text classifier:",
+        f"  curl{auth} {js} {base}/classifier -d '{{\"text\": \"what a wonderful day\"}}'",
+        f"Metrics (Prometheus): curl {server.url('metrics')}/metrics",
+        "Stop: python scripts/serve.py --stop",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stop", action="store_true", help="stop the running server")
+    parser.add_argument("--demo", action="store_true",
+                        help="build models and archives if needed, start, stream a sample")
+    parser.add_argument("--size", choices=["tiny", "default"], default="default")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="serve this local Hugging Face checkpoint instead (with --demo/--build)")
+    parser.add_argument("--build", action="store_true", help="(re)build archives before start")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--model-store", type=Path, default=ROOT / "archives")
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    parser.add_argument("--disable-token-auth", action="store_true")
+    args = parser.parse_args(argv)
+    if args.stop:
+        print("stopped" if stop_server(args.run_dir) else "no server running")
+        return
+    models = tuple(m for m in args.models.split(",") if m)
+    if args.demo or args.build:
+        from scripts.build_archives import build_all
+        build_all(args.size, out=args.model_store, llm_path=args.model_path, names=models)
+    stop_server(args.run_dir)
+    server = start_server(args.model_store, models, args.run_dir,
+                          token_auth=not args.disable_token_auth)
+    print(usage(server))
+    if args.demo and "llm" in models:
+        from scripts.stream_client import stream
+        print("\nSample streamed request (tokens printed as they arrive):")
+        stream(f"{server.url()}/predictions/llm", "Once upon a time", server.inference_key,
+               max_tokens=64)
+
+
+if __name__ == "__main__":
+    main()
