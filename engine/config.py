@@ -22,6 +22,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     attention_backend: str = "auto"
+    enable_prefix_caching: bool = True       # share KV blocks of identical prompt prefixes
     seed: int = 0
 
     def __post_init__(self) -> None:

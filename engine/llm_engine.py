@@ -30,7 +30,8 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or limit, limit)
         self.eos_token_ids = _eos_ids(model_path, self.tokenizer)
         self.runner = ModelRunner(self.config, model_path, self.max_model_len, self.eos_token_ids)
-        self.allocator = BlockAllocator(self.runner.num_blocks, self.config.block_size)
+        self.allocator = BlockAllocator(self.runner.num_blocks, self.config.block_size,
+                                        self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.allocator)
         self.seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
@@ -103,6 +104,7 @@ class LLMEngine:
         tokens = self.runner.run(batch, self.allocator)
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
+            self.allocator.register(seq.request_id, seq.token_ids, seq.num_computed_tokens)
             if token is not None:
                 outputs.append(self._append(seq, token))
         return outputs
@@ -147,6 +149,7 @@ class LLMEngine:
             num_blocks_used=used, tokens_stored=a.tokens_stored,
             kv_utilization=a.tokens_stored / (used * a.block_size) if used else 0.0,
             num_preemptions=s.num_preemptions, num_chunked_prefills=s.num_chunked_prefills,
+            prefix_cache_hit_tokens=s.num_cached_tokens,
             peak_running=self.peak_running, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total)
 

@@ -33,6 +33,7 @@ class EngineStats:
     kv_utilization: float          # tokens stored / (blocks used * block_size)
     num_preemptions: int
     num_chunked_prefills: int
+    prefix_cache_hit_tokens: int
     peak_running: int
     prompt_tokens_total: int
     generation_tokens_total: int

@@ -2,7 +2,8 @@
 
 Running sequences go first (a decode token each, or the next chunk of an unfinished prefill),
 then waiting ones are admitted within ``max_num_seqs`` and the token budget; a prompt longer
-than the remaining budget is prefilled in chunks over several steps. When a running sequence
+than the remaining budget is prefilled in chunks over several steps. An admitted sequence
+first takes whatever prefix of its tokens the allocator's prefix cache already holds. When a running sequence
 needs a block and none is free, the most recently admitted sequence is preempted: its blocks
 are freed and it goes back to the head of the waiting queue, to be recomputed later.
 """
@@ -36,6 +37,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_chunked_prefills = 0     # steps in which a prompt got less than all it needed
+        self.num_cached_tokens = 0        # tokens whose K/V a prefix-cache hit supplied
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -65,10 +67,13 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and not preempted):
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.allocator.can_allocate(seq.request_id,
-                                               seq.num_computed_tokens + num_new):
+            cached = self.allocator.match_prefix(seq.request_id, seq.token_ids)
+            num_new = min(seq.num_uncomputed_tokens - cached, budget)
+            if not self.allocator.can_allocate(seq.request_id, cached + num_new):
+                self.allocator.free(seq.request_id)
                 break
+            seq.num_computed_tokens = cached
+            self.num_cached_tokens += cached
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

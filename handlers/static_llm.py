@@ -4,8 +4,9 @@ TorchServe gathers up to ``batchSize`` requests within ``maxBatchDelay``; this h
 left-pads their prompts and runs transformers ``generate`` once per group of requests that
 share temperature and ignore_eos, up to the longest max_tokens in the group, then returns whole
 texts. Every request in the batch waits for the longest one and nothing streams: the
-behaviour continuous batching removes. Body: ``{"prompt", "max_tokens", "temperature",
-"ignore_eos"}``; reply: ``{"text", "token_ids", "finish_reason", "usage", "batch_size"}``.
+behaviour continuous batching removes. Body: ``{"prompt" (text or token ids), "max_tokens",
+"temperature", "ignore_eos"}``; reply: ``{"text", "token_ids", "finish_reason", "usage",
+"batch_size"}``.
 """
 import json
 from typing import Any
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.protocol import RequestError, StaticGenerateBody, decode_body, field_error
+from engine import EngineConfig
 from handlers.settings import HandlerSettings
 
 
@@ -27,10 +29,11 @@ class StaticBatchingLLMHandler(BaseHandler):
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = getattr(torch, settings.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=dtype)
-        self.model.to(settings.device).eval()
-        self.device = torch.device(settings.device)
+        engine = EngineConfig(**settings.engine_args())     # same dtype/device checks
+        self.model = AutoModelForCausalLM.from_pretrained(settings.model_path,
+                                                          dtype=getattr(torch, engine.dtype))
+        self.device = torch.device(engine.device)
+        self.model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.context = context
@@ -42,6 +45,7 @@ class StaticBatchingLLMHandler(BaseHandler):
         for idx, request in enumerate(data):
             try:
                 body = StaticGenerateBody.model_validate(decode_body(request))
+                self._check_ids(body.prompt)
             except ValidationError as exc:
                 err = field_error(exc)
             except RequestError as exc:
@@ -56,10 +60,16 @@ class StaticBatchingLLMHandler(BaseHandler):
                 replies[idx] = json.dumps(reply | {"batch_size": len(data)})
         return replies
 
+    def _check_ids(self, prompt: str | list[int]) -> None:
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
+            raise RequestError(f"token ids must be in [0, {vocab})", param="prompt")
+
     def _generate(self, members: list[tuple[int, StaticGenerateBody]], temperature: float,
                   ignore_eos: bool) -> list[tuple[int, dict[str, Any]]]:
-        enc = self.tokenizer([b.prompt for _, b in members], return_tensors="pt",
-                             padding=True).to(self.device)
+        ids = [self.tokenizer(b.prompt)["input_ids"] if isinstance(b.prompt, str) else b.prompt
+               for _, b in members]
+        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         longest = max(b.max_tokens for _, b in members)
         knobs: dict[str, Any] = {"max_new_tokens": longest, "do_sample": temperature > 0,
                                  "pad_token_id": self.tokenizer.pad_token_id}

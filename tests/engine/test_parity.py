@@ -68,3 +68,29 @@ def test_chunked_prefill(reference):
     llm = _run(reference, NUM_PROMPTS, num_blocks=1024, max_num_seqs=16,
                max_num_batched_tokens=48)
     assert llm.stats().num_chunked_prefills > 0
+
+
+def test_prefix_cache_hits_keep_outputs_identical(tiny_llama):
+    """Prompts sharing a long prefix reuse cached blocks and still match transformers."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rng = random.Random(7)
+    system = [rng.randrange(3, hf.config.vocab_size) for _ in range(70)]
+    prompts = [system + [rng.randrange(3, hf.config.vocab_size) for _ in range(n)]
+               for n in (0, 1, 5, 16, 30, 2)]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            expected.append(out[0, len(prompt):].tolist())
+    params = SamplingParams(temperature=0, max_tokens=12)
+    for num_blocks in (256, 12):          # 12 blocks: preemption and eviction as well
+        llm = LLMEngine(tiny_llama, num_blocks=num_blocks, max_num_seqs=4,
+                        max_num_batched_tokens=64)
+        first = llm.generate(prompts[:1], params, use_tqdm=False)
+        rest = llm.generate(prompts[1:], params, use_tqdm=False)
+        assert [o.token_ids for o in first + rest] == expected
+        stats = llm.stats()
+        assert stats.prefix_cache_hit_tokens >= 64 * (len(prompts) - 1) // 2
+        assert (stats.num_preemptions > 0) == (num_blocks == 12)
+        assert llm.allocator.num_free == llm.allocator.num_blocks

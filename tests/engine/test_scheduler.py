@@ -18,8 +18,9 @@ class _NoText:
 
 
 def _seq(rid: str, prompt_len: int, max_tokens: int) -> Sequence:
-    return Sequence(rid, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), max_tokens,
-                    _NoText())
+    # Prompts are prefixes of one another, so the prefix cache is exercised hard.
+    return Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens),
+                    max_tokens, _NoText())
 
 
 def _step(s: Scheduler, config: EngineConfig) -> list[Sequence]:
@@ -34,6 +35,7 @@ def _step(s: Scheduler, config: EngineConfig) -> list[Sequence]:
         table = s.allocator.table(seq.request_id)
         assert len(table) == s.allocator.blocks_for(seq.num_computed_tokens + n)
         seq.num_computed_tokens += n
+        s.allocator.register(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         if seq.num_computed_tokens == seq.num_tokens:
             seq.token_ids.append(7)
             if seq.num_output_tokens >= seq.max_tokens:
@@ -45,7 +47,8 @@ def _step(s: Scheduler, config: EngineConfig) -> list[Sequence]:
 def _conserved(s: Scheduler) -> None:
     a = s.allocator
     held = [b for t in a.tables.values() for b in t]
-    assert len(held) == len(set(held)) and len(held) + a.num_free == a.num_blocks
+    assert all(a.ref_counts[b] == held.count(b) for b in set(held)), "reference counts"
+    assert len(set(held)) + a.num_free == a.num_blocks, "blocks were lost or created"
     assert set(a.tables) <= {q.request_id for q in s.running}
 
 
@@ -77,7 +80,7 @@ def test_random_add_step_abort(ops):
             del live[seq.request_id]
         _conserved(s)
     assert not live and not s.has_unfinished()
-    assert s.allocator.num_free == s.allocator.num_blocks
+    assert s.allocator.num_free == s.allocator.num_blocks and s.allocator.tokens_stored == 0
 
 
 def test_preempts_most_recent_and_requeues_at_head():
