@@ -26,13 +26,14 @@ PEAK_RUNNING = "llm_peak_running"
 PREEMPTIONS = "llm_preemptions_total"
 PROMPT_TOKENS = "llm_prompt_tokens_total"
 GENERATION_TOKENS = "llm_generation_tokens_total"
+PREFIX_HITS = "llm_prefix_cache_hit_tokens_total"
 
 KINDS = {TTFT: MetricTypes.HISTOGRAM, ITL: MetricTypes.HISTOGRAM, QUEUE: MetricTypes.HISTOGRAM,
          E2E: MetricTypes.HISTOGRAM, RUNNING: MetricTypes.GAUGE, WAITING: MetricTypes.GAUGE,
          BLOCKS_USED: MetricTypes.GAUGE, BLOCKS_TOTAL: MetricTypes.GAUGE,
          KV_UTIL: MetricTypes.GAUGE, PEAK_RUNNING: MetricTypes.GAUGE,
          PREEMPTIONS: MetricTypes.COUNTER, PROMPT_TOKENS: MetricTypes.COUNTER,
-         GENERATION_TOKENS: MetricTypes.COUNTER}
+         GENERATION_TOKENS: MetricTypes.COUNTER, PREFIX_HITS: MetricTypes.COUNTER}
 UNITS = {MetricTypes.HISTOGRAM: "s", MetricTypes.GAUGE: "count", MetricTypes.COUNTER: "count"}
 
 
@@ -43,7 +44,7 @@ class StreamMetrics:
         self._cache = metrics_cache
         self._model_name = model_name
         self._lock = threading.Lock()
-        self._totals = {PREEMPTIONS: 0, PROMPT_TOKENS: 0, GENERATION_TOKENS: 0}
+        self._totals = {PREEMPTIONS: 0, PROMPT_TOKENS: 0, GENERATION_TOKENS: 0, PREFIX_HITS: 0}
         self._metrics: dict[str, Any] = {}
         for name, kind in KINDS.items():
             try:
@@ -78,7 +79,8 @@ class StreamMetrics:
         self._put(PEAK_RUNNING, stats.peak_running)
         for name, total in ((PREEMPTIONS, stats.num_preemptions),
                             (PROMPT_TOKENS, stats.prompt_tokens_total),
-                            (GENERATION_TOKENS, stats.generation_tokens_total)):
+                            (GENERATION_TOKENS, stats.generation_tokens_total),
+                            (PREFIX_HITS, stats.prefix_cache_hit_tokens)):
             increment = total - self._totals[name]
             if increment > 0:
                 self._totals[name] = total

@@ -92,13 +92,14 @@ def test_token_authorization_is_on_by_default(server, llm_url):
 
 
 def test_llm_metrics_reach_prometheus(server, llm_url):
-    requests.post(llm_url, json={"prompt": "metrics", "max_tokens": 4}, headers=server.headers(),
-                  timeout=30)
+    for _ in range(2):      # the second identical prompt is a prefix-cache hit
+        requests.post(llm_url, json={"prompt": "metrics for the prefix cache " * 8,
+                                     "max_tokens": 4}, headers=server.headers(), timeout=30)
     wanted = ["llm_time_to_first_token_seconds_count", "llm_inter_token_latency_seconds_count",
               "llm_queue_time_seconds_count", "llm_e2e_latency_seconds_count",
               "llm_requests_running", "llm_requests_waiting", "llm_kv_blocks_used",
               "llm_kv_utilization", "llm_prompt_tokens_total", "llm_generation_tokens_total",
-              "llm_peak_running"]
+              "llm_peak_running", "llm_prefix_cache_hit_tokens_total"]
     deadline = time.monotonic() + 15
     while True:
         text = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
