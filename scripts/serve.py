@@ -85,11 +85,12 @@ def render_config(run_dir: Path, ports: dict[str, int], model_store: Path) -> Pa
 
 
 def read_keys(run_dir: Path) -> tuple[str | None, str | None]:
-    path = run_dir / "key_file.json"
-    if not path.exists():
+    """The keys from key_file.json; (None, None) until TorchServe has finished writing it."""
+    try:
+        keys = json.loads((run_dir / "key_file.json").read_text())
+        return keys["inference"]["key"], keys["management"]["key"]
+    except (OSError, ValueError, KeyError):
         return None, None
-    keys = json.loads(path.read_text())
-    return keys["inference"]["key"], keys["management"]["key"]
 
 
 def start_server(model_store: Path, models: tuple[str, ...] = MODELS, run_dir: Path = RUN_DIR,
