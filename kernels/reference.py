@@ -16,8 +16,6 @@ Shapes, shared by both implementations:
 import torch
 import torch.nn.functional as F
 
-_DECODE_GROUP = 16     # decode rows per batched call
-
 
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -35,32 +33,23 @@ def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cach
                               query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged K/V; returns query's shape.
 
-    Decode rows (q_len 1) are sorted by context length and computed in groups, each padded to
-    its longest context and masked, so padding stays small; sequences with longer queries
-    (prefill chunks) one at a time, so no work is spent on padding queries.
+    One sequence at a time, over exactly its own blocks: on CPU this beats batching padded
+    sequences, because one sequence's K/V stays in cache between the gather and the attention.
     """
     out = torch.empty_like(query)
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
-    lens = seq_lens.tolist()
-    starts = query_start_loc[:-1].tolist()
-    decode = sorted((i for i, n in enumerate(q_lens) if n == 1), key=lambda i: lens[i])
-    for g in range(0, len(decode), _DECODE_GROUP):
-        group = decode[g:g + _DECODE_GROUP]
-        rows = torch.tensor([starts[i] for i in group], device=query.device)
-        ctx = lens[group[-1]]
-        k, v = _gather(k_cache, v_cache, block_tables[group], ctx)
-        lens_t = torch.tensor([lens[i] for i in group], device=query.device)
-        mask = torch.arange(ctx, device=query.device)[None, :] < lens_t[:, None]
-        out[rows] = _attend(query[rows].unsqueeze(1), k, v, mask[:, None, :], scale).squeeze(1)
-    for i, q_len in enumerate(q_lens):
-        if q_len <= 1:
+    bounds = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        start, end = bounds[i], bounds[i + 1]
+        q_len = end - start
+        if q_len == 0:
             continue
-        seq_len, start = lens[i], starts[i]
         k, v = _gather(k_cache, v_cache, block_tables[i:i + 1], seq_len)
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        mask = q_pos[:, None] >= torch.arange(seq_len, device=query.device)[None, :]
-        out[start:start + q_len] = _attend(query[start:start + q_len].unsqueeze(0), k, v,
-                                           mask[None], scale).squeeze(0)
+        mask = None
+        if 1 < q_len < seq_len:     # queries sit at the end: bottom-right aligned causal mask
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            mask = q_pos[:, None] >= torch.arange(seq_len, device=query.device)[None, :]
+        out[start:end] = _attend(query[start:end], k[0], v[0], mask, q_len > 1 and mask is None,
+                                 scale)
     return out
 
 
@@ -69,19 +58,21 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Te
     """K/V of ``ctx`` leading positions for each row of ``block_tables``: ``[n, ctx, kvh, d]``."""
     block_size = k_cache.shape[1]
     num = -(-ctx // block_size)
-    ids = block_tables[:, :num].long().clamp(min=0)
-    k = k_cache[ids].flatten(1, 2)[:, :ctx]
-    v = v_cache[ids].flatten(1, 2)[:, :ctx]
+    ids = block_tables[:, :num].long().clamp(min=0).flatten()
+    shape = (block_tables.shape[0], num * block_size, *k_cache.shape[2:])
+    # index_select copies whole blocks; advanced indexing (k_cache[ids]) is ~2x slower on CPU.
+    k = k_cache.index_select(0, ids).view(shape)[:, :ctx]
+    v = v_cache.index_select(0, ids).view(shape)[:, :ctx]
     return k, v
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """q ``[n, lq, h, d]``, k/v ``[n, lk, kvh, d]``, mask ``[n, lq, lk]`` -> ``[n, lq, h, d]``.
-
-    fp32 math whatever the storage dtype; query heads share KV heads in groups (GQA).
-    """
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            causal: bool, scale: float) -> torch.Tensor:
+    """q ``[lq, h, d]``, k/v ``[lk, kvh, d]`` -> ``[lq, h, d]``, in fp32 whatever the storage;
+    query heads share KV heads in groups (GQA)."""
+    # Batched 4-D inputs: 3-D ones take a slower path in SDPA on CPU.
     o = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=True)
-    return o.transpose(1, 2).to(q.dtype)
+        q.float().transpose(0, 1)[None], k.float().transpose(0, 1)[None],
+        v.float().transpose(0, 1)[None], attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=True)
+    return o[0].transpose(0, 1).to(q.dtype)
