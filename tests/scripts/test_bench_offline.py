@@ -23,7 +23,7 @@ def test_bench_offline_counts_every_token(tiny_llama: Path, tmp_path: Path) -> N
     report = main(["--model", str(tiny_llama), "--num-requests", "6", "--scale", "0.1",
                    "--num-blocks", "128", "--max-num-seqs", "4",
                    "--max-num-batched-tokens", "32", "--static-batch-size", "4",
-                   "--sanity-requests", "2", "--json", str(out)])
+                   "--sanity-requests", "2", "--threads", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
     targets = saved["targets"]
