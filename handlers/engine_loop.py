@@ -52,7 +52,6 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._stopping = False
         self._stats: dict[str, Any] = asdict(engine.stats())
-        self._peak_running = 0
         self._last_metrics_s = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -126,9 +125,7 @@ class EngineLoop:
     def stats(self) -> dict[str, Any]:
         """The latest engine stats snapshot, taken by the engine thread after each step."""
         with self._cond:
-            return dict(self._stats, peak_running=max(self._stats.get("peak_running", 0),
-                                                      self._peak_running),
-                        num_streams=len(self._streams))
+            return dict(self._stats, num_streams=len(self._streams))
 
     def _abort_engine(self, request_id: str) -> None:
         try:
@@ -166,7 +163,6 @@ class EngineLoop:
                 for out in outputs:
                     self._push(out, now)
                 self._stats = asdict(stats)
-                self._peak_running = max(self._peak_running, stats.num_running)
                 self._cond.notify_all()
             self._emit_engine_metrics(stats, now, idle=stats.num_running + stats.num_waiting == 0)
 
