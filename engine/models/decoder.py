@@ -1,0 +1,138 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
+
+The families differ only in switches read from the checkpoint's config: bias on the q/k/v
+projections (Qwen2), RMSNorm on queries and keys per head (Qwen3), explicit head_dim, tied
+embeddings, rope_theta and rope_scaling. Q/K/V and gate/up projections are fused (one matmul
+each); the loader concatenates the checkpoint's separate weights into them.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.models.attention import AttentionMetadata, PagedAttention
+from engine.models.rope import RotaryEmbedding
+
+
+@dataclass
+class DecoderSpec:
+    """The shape of one checkpoint's network, read from its config.json."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        h, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size, self.kv_size = h * d, kvh * d
+        self.qkv_proj = torch.nn.Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.qkv_bias)
+        self.o_proj = torch.nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rope = rope
+        self.attn = PagedAttention(h, kvh, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        a = self.attn
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)
+        k = k.view(-1, a.num_kv_heads, a.head_dim)
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        return self.o_proj(a(q, k, v, meta).flatten(1))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Linear(spec.hidden_size, 2 * spec.intermediate_size,
+                                            bias=spec.mlp_bias)
+        self.down_proj = torch.nn.Linear(spec.intermediate_size, spec.hidden_size,
+                                         bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = SelfAttention(spec, rope)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, max_positions: int) -> None:
+        super().__init__()
+        rope = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
+        self.embed_tokens = torch.nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = torch.nn.ModuleList(DecoderLayer(spec, rope)
+                                          for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, meta)
+        return self.norm(x)
+
+
+class CausalLM(torch.nn.Module):
+    """Hidden states for a flat batch of tokens; logits only for the rows asked for."""
+
+    def __init__(self, spec: DecoderSpec, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec, max_positions)
+        self.lm_head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
