@@ -51,7 +51,7 @@ class GenerateBody(BaseModel):
 class StaticGenerateBody(BaseModel):
     """The static-batching LLM baseline's body (handlers/static_llm.py)."""
     model_config = ConfigDict(extra="forbid")
-    prompt: StrictStr = Field(min_length=1)
+    prompt: StrictStr | list[StrictInt] = Field(min_length=1)
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)
     ignore_eos: StrictBool = False

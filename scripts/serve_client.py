@@ -1,0 +1,180 @@
+"""HTTP load driver for the serving benchmark: sends a workload to one TorchServe model.
+
+Owns how requests go on the wire and how their timing is observed: each request waits for its
+arrival time on its own thread, then either streams NDJSON from the continuous-batching model
+(one timestamp per token as its line arrives) or gets one whole JSON answer from the
+static-batching model (every token stamped when the answer arrives). A ``StatsSampler`` polls
+the engine's stats route during a run; ``cpu_seconds`` reads where the CPU time went. It
+computes no statistics and starts no server.
+"""
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from scripts.workload import Request, make_workload
+
+READ_TIMEOUT_S = 900
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it; times are seconds."""
+    request_id: str
+    sent_s: float = 0.0                  # from the run's start
+    done_s: float = 0.0                  # from the run's start
+    token_times_s: list[float] = field(default_factory=list)   # per token, from sent_s
+    prompt_tokens: int | None = None
+    batch_size: int | None = None        # static model: size of the batch it ran in
+    error: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_times_s)
+
+
+def body_for(request: Request, stream: bool) -> dict:
+    """Greedy, output forced to exactly ``output_len`` tokens (ignore EOS)."""
+    body = {"prompt": request.prompt_ids, "max_tokens": request.output_len,
+            "temperature": 0.0, "ignore_eos": True}
+    return body | {"stream": True} if stream else body
+
+
+def send_streaming(url: str, headers: dict[str, str], request: Request,
+                   start: float) -> RequestRecord:
+    """POST with ``stream: true`` and stamp every token of every NDJSON line on arrival."""
+    rec = RequestRecord(request.request_id)
+    t0 = time.perf_counter()
+    rec.sent_s = t0 - start
+    try:
+        with requests.post(url, json=body_for(request, True), headers=headers, stream=True,
+                           timeout=(10, READ_TIMEOUT_S)) as reply:
+            if reply.status_code != 200:
+                rec.error = f"HTTP {reply.status_code}: {reply.text[:200]}"
+            else:
+                for line in reply.iter_lines(chunk_size=None):
+                    if not line:
+                        continue
+                    now = time.perf_counter() - t0
+                    obj = json.loads(line)
+                    rec.token_times_s += [now] * len(obj.get("token_ids", ()))
+                    if "error" in obj:
+                        rec.error = str(obj["error"])
+                    if "usage" in obj:
+                        rec.prompt_tokens = obj["usage"]["prompt_tokens"]
+    except (requests.RequestException, ValueError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    rec.done_s = time.perf_counter() - start
+    return rec
+
+
+def send_whole(url: str, headers: dict[str, str], request: Request,
+               start: float) -> RequestRecord:
+    """POST without streaming; the whole answer arrives at once."""
+    rec = RequestRecord(request.request_id)
+    t0 = time.perf_counter()
+    rec.sent_s = t0 - start
+    try:
+        reply = requests.post(url, json=body_for(request, False), headers=headers,
+                              timeout=(10, READ_TIMEOUT_S))
+        now = time.perf_counter() - t0
+        if reply.status_code != 200:
+            rec.error = f"HTTP {reply.status_code}: {reply.text[:200]}"
+        else:
+            obj = reply.json()
+            rec.token_times_s = [now] * len(obj["token_ids"])
+            rec.prompt_tokens = obj["usage"]["prompt_tokens"]
+            rec.batch_size = obj.get("batch_size")
+    except (requests.RequestException, ValueError, KeyError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    rec.done_s = time.perf_counter() - start
+    return rec
+
+
+def drive(url: str, headers: dict[str, str], workload: list[Request], stream: bool,
+          desc: str = "") -> tuple[float, list[RequestRecord]]:
+    """Send every request at its arrival time; returns (wall seconds, records in order)."""
+    send = send_streaming if stream else send_whole
+    records: list[RequestRecord | None] = [None] * len(workload)
+
+    def run(i: int, request: Request, start: float) -> int:
+        delay = request.arrival_s - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        records[i] = send(url, headers, request, start)
+        return i
+
+    with ThreadPoolExecutor(max_workers=len(workload)) as pool, \
+            tqdm(total=len(workload), desc=desc, unit="req", leave=False) as bar:
+        start = time.perf_counter()
+        futures = [pool.submit(run, i, r, start) for i, r in enumerate(workload)]
+        for future in as_completed(futures):
+            future.result()
+            bar.update(1)
+        wall_s = time.perf_counter() - start
+    return wall_s, records
+
+
+def warm_up(base_url: str, headers: dict[str, str], vocab_size: int) -> None:
+    """A few short requests to each LLM, so first-call costs stay out of the numbers."""
+    warm = make_workload(4, vocab_size, 64, seed=123, prompt_mean=8, output_mean=4)
+    for model in ("llm", "llm_static"):
+        drive(f"{base_url}/{model}", headers, warm, stream=model == "llm", desc=f"warm-up {model}")
+
+
+class StatsSampler:
+    """Polls ``GET <stats_url>`` every ``interval_s`` on a thread; ``samples`` gets each JSON."""
+
+    def __init__(self, stats_url: str, headers: dict[str, str], interval_s: float = 0.2) -> None:
+        self.stats_url, self.headers, self.interval_s = stats_url, headers, interval_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def snapshot(self) -> dict:
+        reply = requests.get(self.stats_url, headers=self.headers, timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def __enter__(self) -> "StatsSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    reply = session.get(self.stats_url, headers=self.headers, timeout=30)
+                    self.samples.append(reply.json())
+                except (requests.RequestException, ValueError):
+                    continue
+
+
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far (user + system) of TorchServe's frontend, its workers and this client."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"frontend": 0.0, "workers": 0.0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # from field 3 (state) on
+        except (OSError, ValueError):
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick
+        if pid == server_pid:
+            out["frontend"] += used
+        elif int(fields[1]) == server_pid:
+            out["workers"] += used
+    times = os.times()
+    out["client"] = times.user + times.system
+    return out
