@@ -20,8 +20,10 @@ ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completion
                           "v1/chat/completions": "chat", "v1/models": "models", "stats": "stats"}
 _TYPE_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
 OPENAI_IGNORED = ("model", "user", "n", "stream_options", "max_completion_tokens", "messages",
-                  "prompt", "stream", "logit_bias", "echo", "logprobs", "suffix", "best_of",
-                  "top_logprobs", "parallel_tool_calls", "response_format")
+                  "prompt", "stream")
+# OpenAI options we do not implement: refused (400) unless left at their no-op values.
+OPENAI_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "logit_bias", "suffix", "best_of",
+                      "response_format", "tools", "tool_choice", "parallel_tool_calls")
 
 
 class RequestError(Exception):
@@ -68,8 +70,6 @@ class CompletionBody(BaseModel):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
     stream: StrictBool = False
     n: int = Field(1, ge=1, le=1)
-    echo: StrictBool = Field(False)
-    logprobs: None = None
     stream_options: dict[str, Any] | None = None
 
 
@@ -183,6 +183,10 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
         raise RequestError("prompt: must not be empty", param="prompt")
     for key in OPENAI_IGNORED if api != "generate" else ():
         extra.pop(key, None)
+    for key in OPENAI_UNSUPPORTED if api != "generate" else ():
+        value = extra.pop(key, None)
+        if value not in (None, False, {}, []) and not (key == "best_of" and value == 1):
+            raise RequestError(f"{key}: not supported by this server", param=key)
     params = sampling_params(extra, default_max_tokens, max_tokens_limit)
     options = getattr(parsed, "stream_options", None) or {}
     return ParsedRequest(api=api, prompt=prompt, params=params, stream=parsed.stream,

@@ -60,6 +60,21 @@ def test_native_and_openai_bodies():
         parse({"prompt": "x", "max_tokens": 99}, max_tokens_limit=50)
 
 
+@pytest.mark.parametrize("path, body, field", [
+    ("v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+    ("v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                             "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_unsupported_openai_options_are_refused_not_ignored(path, body, field):
+    with pytest.raises(RequestError) as err:
+        parse(body, path)
+    assert err.value.status == 400 and err.value.param == field
+    no_op = {"logprobs": None, "echo": False, "best_of": 1, "response_format": None}[field]
+    assert parse({**body, field: no_op}, path).params is not None
+
+
 def finished(text=("a", "b"), reason="length"):
     return SimpleNamespace(text=list(text), token_ids=[1, 2], finish_reason=reason, error=None,
                            prompt_tokens=3, completion_tokens=2, finished=True)
