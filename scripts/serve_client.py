@@ -46,14 +46,18 @@ def body_for(request: Request, stream: bool) -> dict:
     return body | {"stream": True} if stream else body
 
 
-def send_streaming(url: str, headers: dict[str, str], request: Request,
-                   start: float) -> RequestRecord:
-    """POST with ``stream: true`` and stamp every token of every NDJSON line on arrival."""
+def send(url: str, headers: dict[str, str], request: Request, start: float,
+         stream: bool) -> RequestRecord:
+    """POST one request and stamp its tokens as they arrive.
+
+    A streamed reply is NDJSON, one object per delta; a whole reply is a single JSON line
+    holding every token. Either way each line's tokens are stamped when the line arrives.
+    """
     rec = RequestRecord(request.request_id)
     t0 = time.perf_counter()
     rec.sent_s = t0 - start
     try:
-        with requests.post(url, json=body_for(request, True), headers=headers, stream=True,
+        with requests.post(url, json=body_for(request, stream), headers=headers, stream=True,
                            timeout=(10, READ_TIMEOUT_S)) as reply:
             if reply.status_code != 200:
                 rec.error = f"HTTP {reply.status_code}: {reply.text[:200]}"
@@ -68,30 +72,8 @@ def send_streaming(url: str, headers: dict[str, str], request: Request,
                         rec.error = str(obj["error"])
                     if "usage" in obj:
                         rec.prompt_tokens = obj["usage"]["prompt_tokens"]
+                    rec.batch_size = obj.get("batch_size", rec.batch_size)
     except (requests.RequestException, ValueError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"
-    rec.done_s = time.perf_counter() - start
-    return rec
-
-
-def send_whole(url: str, headers: dict[str, str], request: Request,
-               start: float) -> RequestRecord:
-    """POST without streaming; the whole answer arrives at once."""
-    rec = RequestRecord(request.request_id)
-    t0 = time.perf_counter()
-    rec.sent_s = t0 - start
-    try:
-        reply = requests.post(url, json=body_for(request, False), headers=headers,
-                              timeout=(10, READ_TIMEOUT_S))
-        now = time.perf_counter() - t0
-        if reply.status_code != 200:
-            rec.error = f"HTTP {reply.status_code}: {reply.text[:200]}"
-        else:
-            obj = reply.json()
-            rec.token_times_s = [now] * len(obj["token_ids"])
-            rec.prompt_tokens = obj["usage"]["prompt_tokens"]
-            rec.batch_size = obj.get("batch_size")
-    except (requests.RequestException, ValueError, KeyError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     rec.done_s = time.perf_counter() - start
     return rec
@@ -100,14 +82,13 @@ def send_whole(url: str, headers: dict[str, str], request: Request,
 def drive(url: str, headers: dict[str, str], workload: list[Request], stream: bool,
           desc: str = "") -> tuple[float, list[RequestRecord]]:
     """Send every request at its arrival time; returns (wall seconds, records in order)."""
-    send = send_streaming if stream else send_whole
     records: list[RequestRecord | None] = [None] * len(workload)
 
     def run(i: int, request: Request, start: float) -> int:
         delay = request.arrival_s - (time.perf_counter() - start)
         if delay > 0:
             time.sleep(delay)
-        records[i] = send(url, headers, request, start)
+        records[i] = send(url, headers, request, start, stream)
         return i
 
     with ThreadPoolExecutor(max_workers=len(workload)) as pool, \
