@@ -125,16 +125,15 @@ class LLMEngine:
             reason = "length"
         if reason is None:
             return self._output(seq, text, [token])
-        out = self._finish(seq, reason, text)
-        out.token_ids = [token]
-        return out
+        return self._finish(seq, reason, text, [token])
 
-    def _finish(self, seq: Sequence, reason: str, text: str = "") -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: str, text: str = "",
+                token_ids: list[int] | None = None) -> RequestOutput:
         self.scheduler.finish(seq, reason)
         del self.seqs[seq.request_id]
         with self._lock:
             self._live.discard(seq.request_id)
-        return self._output(seq, text + seq.detokenizer.flush(), [], reason)
+        return self._output(seq, text + seq.detokenizer.flush(), token_ids or [], reason)
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int],
                 reason: str | None = None) -> RequestOutput:
