@@ -186,6 +186,10 @@ def usage(server: Server) -> str:
         "Streamed generation (NDJSON, one object per delta):",
         f"  curl -N{auth} {js} {base}/llm -d '{{\"prompt\": \"Once upon a time\", "
         f"\"max_tokens\": 64, \"stream\": true}}'",
+        "OpenAI chat completions (server-sent events):",
+        f"  curl -N{auth} {js} {base}/llm/1.0/v1/chat/completions -d '{{\"model\": \"llm\", "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of "
+        f"France?\"}}], \"max_tokens\": 64, \"stream\": true}}'",
         "OpenAI completions (server-sent events):",
         f"  curl -N{auth} {js} {base}/llm/1.0/v1/completions -d '{{\"model\": \"llm\", "
         f"\"prompt\": \"Hello\", \"max_tokens\": 32, \"stream\": true}}'",
@@ -203,10 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop", action="store_true", help="stop the running server")
     parser.add_argument("--demo", action="store_true",
                         help="build models and archives if needed, start, stream a sample")
-    parser.add_argument("--size", choices=["tiny", "default"], default="default")
+    parser.add_argument("--size", choices=["tiny", "default"], default="default",
+                        help="default: SmolLM2-135M-Instruct; tiny: a small test model")
     parser.add_argument("--model-path", type=Path, default=None,
                         help="serve this local Hugging Face checkpoint instead (with --demo/--build)")
     parser.add_argument("--build", action="store_true", help="(re)build archives before start")
+    parser.add_argument("--bundle", action="store_true",
+                        help="with --demo/--build: put the weights inside the archives")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--model-store", type=Path, default=ROOT / "archives")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
@@ -218,16 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     models = tuple(m for m in args.models.split(",") if m)
     if args.demo or args.build:
         from scripts.build_archives import build_all
-        build_all(args.size, out=args.model_store, llm_path=args.model_path, names=models)
+        build_all(args.size, out=args.model_store, llm_path=args.model_path, names=models,
+                  bundle=args.bundle)
     stop_server(args.run_dir)
     server = start_server(args.model_store, models, args.run_dir,
                           token_auth=not args.disable_token_auth)
     print(usage(server))
     if args.demo and "llm" in models:
         from scripts.stream_client import stream
-        print("\nSample streamed request (tokens printed as they arrive):")
-        stream(f"{server.url()}/predictions/llm", "Once upon a time", server.inference_key,
-               max_tokens=64)
+        print("\nSample streamed chat completion (tokens printed as they arrive):")
+        stream(f"{server.url()}/predictions/llm", "What is the capital of France?",
+               server.inference_key, max_tokens=64, api="chat")
 
 
 if __name__ == "__main__":
