@@ -16,14 +16,16 @@ setup(
         "numpy>=1.26",
         "pydantic>=2.6,<3",
         "tqdm>=4.66",
+        "psutil>=5.9",
     ],
     extras_require={
         "triton": ["triton>=3.1"],
         "serve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "requests>=2.31",
-                  "psutil>=5.9"],
+                  "gguf>=0.17", "accelerate>=1.0"],
+        "gguf": ["gguf>=0.17", "accelerate>=1.0"],      # scripts/import_gguf.py
         "bench": ["matplotlib>=3.8", "requests>=2.31"],
         "dev": ["triton>=3.1", "torchserve==0.12.0", "torch-model-archiver==0.12.0",
-                "requests>=2.31", "psutil>=5.9", "matplotlib>=3.8", "pytest>=8",
+                "requests>=2.31", "gguf>=0.17", "accelerate>=1.0", "matplotlib>=3.8", "pytest>=8",
                 "hypothesis>=6.100", "openai>=1.40"],
     },
 )

