@@ -57,14 +57,14 @@ def eos_ids(tokenizer) -> list[int]:
 
 def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Convert ``src`` (a .gguf file) into the checkpoint directory ``out``; returns ``out``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     src, out = Path(src).resolve(), Path(out)
     arch = gguf_architecture(src)
     if arch not in ARCHITECTURES:
         raise ValueError(f"{src.name}: unsupported GGUF architecture {arch!r}; supported: "
                          f"{', '.join(sorted(ARCHITECTURES))}")
     kwargs = dict(gguf_file=src.name)
-    steps = tqdm(total=5, desc=f"import {src.name}", unit="step")
+    steps = tqdm(total=4, desc=f"import {src.name}", unit="step")
 
     def done(what: str) -> None:
         steps.set_postfix_str(what)
@@ -72,14 +72,13 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, **kwargs)
     done("tokenizer")
-    config = AutoConfig.from_pretrained(src.parent, **kwargs)
-    config.architectures = [ARCHITECTURES[arch]]
-    if hasattr(config, "quantization_config"):     # GGUF models refuse save_pretrained
-        del config.quantization_config
-    done("config")
     quantized = AutoModelForCausalLM.from_pretrained(src.parent, dtype=getattr(torch, dtype),
                                                      **kwargs)
     done("weights")
+    config = quantized.config
+    config.architectures = [ARCHITECTURES[arch]]
+    if hasattr(config, "quantization_config"):     # GGUF models refuse save_pretrained
+        del config.quantization_config
     # A fresh model of the same config holds plain tensors: that one can be saved.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
@@ -87,10 +86,10 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
     if config.tie_word_embeddings:
         model.tie_weights()
     del quantized
+    done("model")
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=eos_ids(tokenizer),
                                   pad_token_id=tokenizer.pad_token_id)
-    done("model")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
