@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
+from engine.faults import NONFINITE, NONFINITE_MESSAGE, sequence_error, step_error
 from engine.model_runner import ModelRunner
 from engine.models import read_spec
 from engine.outputs import EngineStats, RequestOutput
@@ -101,8 +102,15 @@ class LLMEngine:
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         if not batch.seqs:
             return outputs
-        tokens = self.runner.run(batch, self.allocator)
+        try:
+            tokens = self.runner.run(batch, self.allocator)
+        except Exception as exc:    # the step's fault (OOM, kernel error): fail its requests
+            message = step_error(exc, len(batch.seqs), self.runner.device)
+            return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
+            if token == NONFINITE:      # one row's fault: its K/V is garbage, never register it
+                outputs.append(self._finish(seq, "error", error=NONFINITE_MESSAGE))
+                continue
             seq.num_computed_tokens += num_new
             self.allocator.register(seq.request_id, seq.token_ids, seq.num_computed_tokens)
             if token is not None:
@@ -112,7 +120,11 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
         self.generation_tokens_total += 1
-        text, stopped = seq.detokenizer.add(token)
+        try:
+            text, stopped = seq.detokenizer.add(token)
+        except Exception as exc:    # this sequence's fault only
+            return self._finish(seq, "error", token_ids=[token],
+                                error=sequence_error("detokenizer", exc))
         p = seq.params
         n = seq.num_output_tokens
         reason = None
@@ -128,17 +140,17 @@ class LLMEngine:
         return self._finish(seq, reason, text, [token])
 
     def _finish(self, seq: Sequence, reason: str, text: str = "",
-                token_ids: list[int] | None = None) -> RequestOutput:
+                token_ids: list[int] | None = None, error: str | None = None) -> RequestOutput:
         self.scheduler.finish(seq, reason)
         del self.seqs[seq.request_id]
         with self._lock:
             self._live.discard(seq.request_id)
-        return self._output(seq, text + seq.detokenizer.flush(), token_ids or [], reason)
+        return self._output(seq, text + seq.detokenizer.flush(), token_ids or [], reason, error)
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int],
-                reason: str | None = None) -> RequestOutput:
+                reason: str | None = None, error: str | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, None, seq.queue_time_s)
+                             seq.num_output_tokens, error, seq.queue_time_s)
 
     def stats(self) -> EngineStats:
         a, s = self.allocator, self.scheduler
@@ -179,7 +191,7 @@ class LLMEngine:
                     r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
                     r.queue_time_s = out.queue_time_s
                     if out.finished:
-                        r.finish_reason = out.finish_reason
+                        r.finish_reason, r.error = out.finish_reason, out.error
                         bar.update(1)
         return [results[rid] for rid in ids]
 

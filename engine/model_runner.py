@@ -13,6 +13,7 @@ import torch
 import kernels
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
+from engine.faults import NONFINITE, finite_rows
 from engine.models import AttentionMetadata, CausalLM, load_model
 from engine.sampler import Sampler
 from engine.scheduler import Batch
@@ -62,7 +63,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch, allocator: BlockAllocator) -> list[int | None]:
-        """Forward ``batch``; returns the sampled token per sequence (None for partial chunks)."""
+        """Forward ``batch``; the sampled token per sequence (None: partial chunk, NONFINITE:
+        that row's logits were not finite)."""
         ids, starts, sample_rows = [], [], []
         seq_lens, q_starts = [], [0]
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
@@ -80,9 +82,16 @@ class ModelRunner:
         if sample_rows:
             last = torch.tensor([q_starts[r + 1] - 1 for r in sample_rows], device=self.device)
             logits = self.model.logits(hidden[last])
-            sampled = self.sampler(logits, [batch.seqs[r] for r in sample_rows])
-            for r, token in zip(sample_rows, sampled):
-                tokens[r] = token
+            finite = finite_rows(logits)
+            if not all(finite):     # those rows fail alone (NONFINITE); the rest are sampled
+                for r, ok in zip(sample_rows, finite):
+                    tokens[r] = None if ok else NONFINITE
+                logits = logits[torch.tensor(finite, device=logits.device)]
+                sample_rows = [r for r, ok in zip(sample_rows, finite) if ok]
+            if sample_rows:
+                sampled = self.sampler(logits, [batch.seqs[r] for r in sample_rows])
+                for r, token in zip(sample_rows, sampled):
+                    tokens[r] = token
         return tokens
 
     def _metadata(self, batch: Batch, allocator: BlockAllocator, starts: list[int],
