@@ -19,23 +19,37 @@ Rules learned from TorchServe 0.12 (docs/serving.md, "Wire rules"):
   renewed by every call covers the last request, after which no call comes at all;
 - should a request answered with a complete response be sent again (TorchServe's source
   allows it on a kept-alive connection; not observed in 0.12.0), answer "" with criterion
-  True, which retires it.
+  True, which retires it;
+- any response, even "", with criterion False puts the 200 status line on the wire, so a
+  non-streaming request is left out of the response (its index dropped from
+  ``context.request_ids``) until it finishes: its status is chosen at the end (504 past its
+  deadline, 503 while draining, 500 for an engine fault). The frontend re-sends it each call.
+
+Reliability: a request's own fault (bad limits, tokenizer error, a crash while rendering it)
+fails that request alone; nothing raises out of ``handle``. SIGTERM to the worker drains it:
+every in-flight stream ends with a last chunk carrying an error, new requests get a 503, and
+the engine thread stops (TorchServe 0.12 itself closes the worker socket and SIGKILLs the
+worker on scale-down or stop, with no window to send anything: docs/serving.md, "Drain").
 """
 import json
 import logging
+import signal
+import threading
 import time
 from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
 from engine import LLMEngine
-from handlers.engine_loop import EngineLoop
+from handlers.engine_loop import EngineLoop, Stopping
 from handlers.framing import Framer, error_body
+from handlers.limits import enforce
 from handlers.protocol import ParsedRequest, RequestError, parse_request
 from handlers.settings import HandlerSettings
 from handlers.stream_metrics import StreamMetrics
 
 logger = logging.getLogger(__name__)
+DRAIN_MESSAGE = "the server is shutting down this model's worker; retry later"
 
 
 class ContinuousBatchingHandler(BaseHandler):
@@ -58,6 +72,8 @@ class ContinuousBatchingHandler(BaseHandler):
         self.loop = EngineLoop(engine, self.settings.lease_s, metrics,
                                self.settings.metrics_interval_s)
         self.loop.start()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self.context = context
         self.initialized = True
         logger.info("engine ready: %s", engine.config)
@@ -86,11 +102,26 @@ class ContinuousBatchingHandler(BaseHandler):
         inflight = [rid for rid in ids if rid in self.framers]
         if inflight:
             self.loop.wait(inflight, 0.0 if answered else self.settings.step_wait_s)
+        held = []
         for idx, rid in enumerate(ids):
-            if rid in self.framers:
-                replies[idx], verdicts[idx] = self._next_chunk(idx, rid, context)
+            if rid not in self.framers:
+                continue
+            try:
+                reply = self._next_chunk(idx, rid, context)
+            except Exception as exc:    # this request's fault: never reset the others
+                reply = self._crash(idx, rid, exc, context)
+            if reply is None:
+                held.append(idx)
+            else:
+                replies[idx], verdicts[idx] = reply
         context.stopping_criteria = [lambda _reply, v=v: v for v in verdicts]
+        for idx in held:                # no response yet: the status line stays unsent
+            del context.request_ids[idx]
         return replies
+
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        logger.info("SIGTERM: draining the engine")
+        threading.Thread(target=self.loop.stop, args=(DRAIN_MESSAGE, 503), daemon=True).start()
 
     def _admit(self, idx: int, rid: str, request: dict[str, Any], context: Any) -> str | None:
         """Start a new request; returns a complete response when it is answered at once."""
@@ -102,36 +133,63 @@ class ContinuousBatchingHandler(BaseHandler):
             if parsed.api in ("models", "stats"):
                 context.set_response_content_type(idx, "application/json")
                 return json.dumps(self._info(parsed))
-            self.loop.submit(rid, parsed.prompt, parsed.params)
+            if self.loop.stopping:
+                raise RequestError(DRAIN_MESSAGE, status=503)
+            self.loop.submit(rid, parsed.prompt, parsed.params, enforce(parsed, self.settings))
         except RequestError as err:
             return self._error(idx, err, context)
         except ValueError as exc:       # the engine refused it: too long, out of vocab, ...
             return self._error(idx, RequestError(str(exc), param="prompt"), context)
+        except Stopping:                # the loop began draining after the check above
+            return self._error(idx, RequestError(DRAIN_MESSAGE, status=503), context)
+        except Exception as exc:        # tokenizer, chat template, ...: this request only
+            logger.exception("request %s: could not be admitted", rid)
+            return self._error(idx, RequestError(f"could not start this request: "
+                                                 f"{type(exc).__name__}: {str(exc)[:200]}",
+                                                 status=500), context)
         self.framers[rid] = Framer(parsed.api, parsed.stream, parsed.include_usage, rid,
                                    self.model_name)
         return None
 
-    def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None]:
+    def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None] | None:
+        """The request's next chunk and criterion; None: no response yet (non-streaming)."""
         framer = self.framers[rid]
         context.set_response_content_type(idx, framer.content_type)
-        drained = self.loop.drain(rid)
         first = rid not in self.started
+        if not framer.stream:
+            stream = self.loop.get(rid)
+            if stream is not None and not stream.finished and not stream.orphaned:
+                return None
+        drained = self.loop.drain(rid)
         if drained is None:             # aborted behind our back (lease lapsed)
             self._forget(rid)
             return "", True
         stream, outputs = drained
-        if framer.stream:
-            reply = framer.chunk(outputs, stream)
-        else:
-            reply = framer.whole(stream) if stream.finished else ""
         if not stream.finished:
             self.started.add(rid)
-            return reply, False
+            return framer.chunk(outputs, stream), False
         self._forget(rid)
         if first:
             self.closed.add(rid)
-            return reply, None
-        return reply, True
+            if stream.status != 200:    # nothing sent yet: the error gets its own status
+                return self._error(idx, RequestError(stream.error, status=stream.status),
+                                   context), None
+            return (framer.chunk(outputs, stream) if framer.stream else framer.whole(stream)), None
+        return framer.chunk(outputs, stream), True
+
+    def _crash(self, idx: int, rid: str, exc: Exception, context: Any) -> tuple[str, bool | None]:
+        """End a request whose own handling raised, with an error in its last response."""
+        logger.exception("request %s: failed while answering it", rid)
+        framer, started = self.framers.get(rid), rid in self.started
+        self.loop.abort(rid)
+        self._forget(rid)
+        err = RequestError(f"internal error: {type(exc).__name__}", status=500)
+        if not started:
+            self.closed.add(rid)
+            return self._error(idx, err, context), None
+        if framer is not None and framer.api != "generate":
+            return f"data: {error_body(err)}\n\ndata: [DONE]\n\n", True
+        return json.dumps({"finish_reason": "error", "error": err.message}) + "\n", True
 
     def _abort_missing(self, present: set[str]) -> None:
         for rid in list(self.framers):
@@ -152,7 +210,7 @@ class ContinuousBatchingHandler(BaseHandler):
 
     def _info(self, parsed: ParsedRequest) -> dict[str, Any]:
         if parsed.api == "stats":
-            return self.loop.stats()
+            return self.loop.stats() | {"draining": self.loop.stopping}
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": int(time.time()),
                                             "owned_by": "torchserve-llm"}]}

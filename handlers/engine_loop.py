@@ -3,8 +3,10 @@
 TorchServe calls the handler once per round trip; the engine steps at its own pace in this
 thread. Each request has a RequestStream that collects the engine's deltas until the handler
 drains them. A request whose lease is not renewed (its client is gone and TorchServe stopped
-sending it) is aborted here, so its KV blocks return to the pool. This file knows the engine
-API and threads, never TorchServe's wire format.
+sending it) is aborted here, so its KV blocks return to the pool; so is one past its deadline,
+which finishes with an error and an HTTP status for the handler to send. ``stop`` with a
+message fails every stream first (a drain) and lets the thread free their blocks before it
+ends. This file knows the engine API and threads, never TorchServe's wire format.
 """
 import logging
 import threading
@@ -12,9 +14,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from engine import RequestOutput
 from handlers.stream_metrics import StreamMetrics
 
 logger = logging.getLogger(__name__)
+
+
+class Stopping(Exception):
+    """``submit`` after ``stop``: the worker is draining."""
 
 
 @dataclass
@@ -23,11 +30,13 @@ class RequestStream:
     request_id: str
     arrival_s: float
     lease_until_s: float
+    deadline_s: float = float("inf")                      # monotonic; past it: fail with 504
     pending: list[Any] = field(default_factory=list)      # RequestOutput deltas not yet sent
     text: list[str] = field(default_factory=list)         # all text so far (non-streaming)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 200                                     # HTTP status of a failed stream
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_s: float | None = None
@@ -58,17 +67,30 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self, message: str | None = None, status: int = 503) -> None:
+        """End the engine thread; with ``message``, fail every stream with it first (a drain)."""
         with self._cond:
+            if message is not None:
+                self._fail_all(message, status)
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
-    def submit(self, request_id: str, prompt: str | list[int], params: Any) -> RequestStream:
-        """Queue a request; the engine's ValueError (bad prompt, too long, ...) propagates."""
+    def submit(self, request_id: str, prompt: str | list[int], params: Any,
+               timeout_s: float | None = None) -> RequestStream:
+        """Queue a request; the engine's ValueError (bad prompt, too long, ...) propagates;
+        Stopping once the loop is stopping."""
         now = time.monotonic()
-        stream = RequestStream(request_id, arrival_s=now, lease_until_s=now + self.lease_s)
+        stream = RequestStream(request_id, arrival_s=now, lease_until_s=now + self.lease_s,
+                               deadline_s=now + timeout_s if timeout_s else float("inf"))
         with self._cond:
+            if self._stopping:
+                raise Stopping("the engine is shutting down")
             self.engine.add_request(request_id, prompt, params)
             self._streams[request_id] = stream
             self._cond.notify_all()
@@ -133,30 +155,42 @@ class EngineLoop:
         except (KeyError, ValueError):
             logger.debug("abort of %s: not in the engine any more", request_id)
 
-    def _expire_leases(self, now: float) -> None:
+    def _expire(self, now: float) -> None:
+        """Abort requests whose lease lapsed (client gone) or whose deadline passed."""
         for rid, stream in list(self._streams.items()):
-            if not stream.finished and not stream.orphaned and stream.lease_until_s < now:
+            if stream.finished or stream.orphaned:
+                continue
+            if stream.lease_until_s < now:
                 logger.info("request %s: lease expired, aborting", rid)
                 stream.orphaned = True
                 self._abort_engine(rid)
+            elif stream.deadline_s < now:
+                limit = stream.deadline_s - stream.arrival_s
+                logger.info("request %s: past its %.3g s deadline, aborting", rid, limit)
+                self._fail(rid, stream, f"request_timeout_s: the request ran past its deadline "
+                                        f"of {limit:.3g} s after {stream.completion_tokens} "
+                                        f"tokens", 504)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or self.engine.has_unfinished(),
                                     timeout=self.lease_s / 2)
-                if self._stopping:
+                if self._stopping and not self.engine.has_unfinished():
                     return
-                self._expire_leases(time.monotonic())
+                self._expire(time.monotonic())
                 if not self.engine.has_unfinished():
                     continue
             try:
                 outputs = self.engine.step()
                 stats = self.engine.stats()
-            except Exception:  # a broken step fails its requests, not the worker
+            except Exception:  # the engine isolates model faults; this is anything else
                 logger.exception("engine step failed")
-                self._fail_all("engine step failed; see the worker log")
+                with self._cond:
+                    self._fail_all("engine step failed; see the worker log", 500)
                 time.sleep(0.1)         # no hot loop if the engine keeps failing
+                if self._stopping:      # a broken engine cannot finish the drain: give up
+                    return
                 continue
             now = time.monotonic()
             with self._cond:
@@ -168,7 +202,7 @@ class EngineLoop:
 
     def _push(self, out: Any, now: float) -> None:
         stream = self._streams.get(out.request_id)
-        if stream is None:
+        if stream is None or stream.finished:   # failed here already: the engine's abort is moot
             return
         if out.token_ids:
             if stream.first_token_s is None:
@@ -182,6 +216,8 @@ class EngineLoop:
         stream.completion_tokens = out.completion_tokens
         stream.finish_reason = out.finish_reason
         stream.error = out.error
+        if out.error:
+            stream.status = 500
         if stream.orphaned:
             if stream.finished:
                 del self._streams[out.request_id]
@@ -190,14 +226,22 @@ class EngineLoop:
         if stream.finished and self.metrics:
             self.metrics.finished(stream, now)
 
-    def _fail_all(self, message: str) -> None:
-        with self._cond:
-            for rid, stream in list(self._streams.items()):
-                self._abort_engine(rid)
-                stream.finish_reason, stream.error = "error", message
-                if stream.orphaned:
-                    del self._streams[rid]
-            self._cond.notify_all()
+    def _fail_all(self, message: str, status: int) -> None:
+        """Fail every unfinished stream (caller holds the lock)."""
+        for rid, stream in list(self._streams.items()):
+            if not stream.finished:
+                self._fail(rid, stream, message, status)
+
+    def _fail(self, rid: str, stream: RequestStream, message: str, status: int) -> None:
+        """Finish ``stream`` with an error now; the engine frees its blocks at its next step."""
+        self._abort_engine(rid)
+        stream.finish_reason, stream.error, stream.status = "error", message, status
+        if stream.orphaned:
+            del self._streams[rid]
+        else:                           # the final delta, as the engine would have sent it
+            stream.pending.append(RequestOutput(rid, "", [], "error", stream.prompt_tokens,
+                                                stream.completion_tokens, message))
+        self._cond.notify_all()
 
     def _emit_engine_metrics(self, stats: Any, now: float, idle: bool) -> None:
         if self.metrics and (idle or now - self._last_metrics_s >= self.metrics_interval_s):

@@ -20,7 +20,8 @@ def usage(stream: Any) -> dict[str, int]:
 
 
 def error_body(err: RequestError) -> str:
-    return json.dumps({"error": {"message": err.message, "type": "invalid_request_error",
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return json.dumps({"error": {"message": err.message, "type": kind,
                                  "param": err.param, "code": err.status}})
 
 

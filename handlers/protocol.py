@@ -41,6 +41,7 @@ class ParsedRequest:
     params: SamplingParams | None = None
     stream: bool = False
     include_usage: bool = False
+    request_timeout_s: Any = None     # the request's own deadline; handlers/limits.py checks it
 
 
 class GenerateBody(BaseModel):
@@ -115,8 +116,11 @@ def decode_body(request: dict[str, Any]) -> dict[str, Any]:
     if body is None:
         raise RequestError("request body must be a JSON object sent with "
                            "Content-Type: application/json")
-    if isinstance(body, (bytes, bytearray)):
-        body = body.decode("utf-8", errors="replace")
+    if isinstance(body, (bytes, bytearray)):    # TorchServe forwards what it could not decode
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"request body is not valid UTF-8: {exc}") from exc
     if isinstance(body, str):
         try:
             body = json.loads(body)
@@ -187,7 +191,9 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
         value = extra.pop(key, None)
         if value not in (None, False, {}, []) and not (key == "best_of" and value == 1):
             raise RequestError(f"{key}: not supported by this server", param=key)
+    timeout_s = extra.pop("request_timeout_s", None)
     params = sampling_params(extra, default_max_tokens, max_tokens_limit)
     options = getattr(parsed, "stream_options", None) or {}
     return ParsedRequest(api=api, prompt=prompt, params=params, stream=parsed.stream,
-                         include_usage=bool(options.get("include_usage")))
+                         include_usage=bool(options.get("include_usage")),
+                         request_timeout_s=timeout_s)
