@@ -17,6 +17,9 @@ Rules learned from TorchServe 0.12 (docs/serving.md, "Wire rules"):
 - "" puts nothing on the wire (an empty chunk would end the body), so idle requests get "";
 - a request missing from a call was dropped by the frontend (client gone): abort it; a lease
   renewed by every call covers the last request, after which no call comes at all;
+- a request id never seen that arrives as an empty dict was streaming on a previous worker
+  (killed or scaled down: TorchServe re-queues its job without the body): it gets a last
+  chunk with an error and criterion True, which ends its stream cleanly;
 - should a request answered with a complete response be sent again (TorchServe's source
   allows it on a kept-alive connection; not observed in 0.12.0), answer "" with criterion
   True, which retires it;
@@ -50,6 +53,7 @@ from handlers.stream_metrics import StreamMetrics
 
 logger = logging.getLogger(__name__)
 DRAIN_MESSAGE = "the server is shutting down this model's worker; retry later"
+ORPHAN_MESSAGE = "the worker serving this stream stopped mid-stream; retry the request"
 
 
 class ContinuousBatchingHandler(BaseHandler):
@@ -93,6 +97,9 @@ class ContinuousBatchingHandler(BaseHandler):
                 logger.debug("request %s: retiring after its complete response", rid)
                 self.closed.discard(rid)
                 verdicts[idx] = True
+                continue
+            if not request:             # mid-stream on a worker that died or was scaled down
+                replies[idx], verdicts[idx] = self._orphan(idx, rid, context), True
                 continue
             reply = self._admit(idx, rid, request, context)
             if reply is not None:
@@ -177,6 +184,18 @@ class ContinuousBatchingHandler(BaseHandler):
             return (framer.chunk(outputs, stream) if framer.stream else framer.whole(stream)), None
         return framer.chunk(outputs, stream), True
 
+    def _orphan(self, idx: int, rid: str, context: Any) -> str:
+        """The last chunk of a stream whose worker is gone: TorchServe re-queued its job."""
+        logger.info("request %s: stream of a previous worker, ending it", rid)
+        err = RequestError(ORPHAN_MESSAGE, status=500)
+        route = (context.get_request_header(idx, "url_path") or "").strip("/")
+        return self._error_chunk(route in ("", "generate"), err)
+
+    def _error_chunk(self, ndjson: bool, err: RequestError) -> str:
+        if ndjson:
+            return json.dumps({"finish_reason": "error", "error": err.message}) + "\n"
+        return f"data: {error_body(err)}\n\ndata: [DONE]\n\n"
+
     def _crash(self, idx: int, rid: str, exc: Exception, context: Any) -> tuple[str, bool | None]:
         """End a request whose own handling raised, with an error in its last response."""
         logger.exception("request %s: failed while answering it", rid)
@@ -187,9 +206,7 @@ class ContinuousBatchingHandler(BaseHandler):
         if not started:
             self.closed.add(rid)
             return self._error(idx, err, context), None
-        if framer is not None and framer.api != "generate":
-            return f"data: {error_body(err)}\n\ndata: [DONE]\n\n", True
-        return json.dumps({"finish_reason": "error", "error": err.message}) + "\n", True
+        return self._error_chunk(framer is None or framer.api == "generate", err), True
 
     def _abort_missing(self, present: set[str]) -> None:
         for rid in list(self.framers):

@@ -8,7 +8,8 @@ file and key_file.json (token authorization is on by default; the keys are read 
 
     python scripts/serve.py --demo            # build models + archives, start, stream a sample
     python scripts/serve.py                   # start with archives/ as they are
-    python scripts/serve.py --stop
+    python scripts/serve.py --stop            # drains the LLM first (see drain_workers)
+    python scripts/serve.py --drain llm       # drain only, e.g. before scaling it to zero
 """
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / "logs" / "server"
 MODELS = ("llm", "llm_static", "classifier")
+STREAMING_MODELS = ("llm",)          # continuous-batching models, whose workers drain on SIGTERM
 PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
 DEFAULT_PORTS = dict(zip(PORT_KEYS, (8080, 8081, 8082, 7070, 7071)))
 
@@ -95,7 +97,7 @@ def read_keys(run_dir: Path) -> tuple[str | None, str | None]:
 
 def start_server(model_store: Path, models: tuple[str, ...] = MODELS, run_dir: Path = RUN_DIR,
                  ports: dict[str, int] | None = None, token_auth: bool = True,
-                 timeout_s: float = 300) -> Server:
+                 timeout_s: float = 300, model_api: bool = False) -> Server:
     """Start TorchServe in the background and return once every model is READY."""
     run_dir = Path(run_dir).resolve()
     for sub in ("logs", "java-tmp", "tmp"):
@@ -111,6 +113,8 @@ def start_server(model_store: Path, models: tuple[str, ...] = MODELS, run_dir: P
            "--models", *[f"{m}={m}.mar" for m in models]]
     if not token_auth:
         cmd.append("--disable-token-auth")
+    if model_api:
+        cmd.append("--enable-model-api")
     with open(run_dir / "logs" / "torchserve.out", "ab") as out:
         subprocess.run(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                        check=True)
@@ -159,12 +163,71 @@ def wait_ready(server: Server, models: tuple[str, ...], token_auth: bool,
             time.sleep(0.5)
 
 
-def stop_server(run_dir: Path = RUN_DIR, timeout_s: float = 60) -> bool:
-    """Stop the server whose PID file is in ``run_dir``; wait for Java to exit."""
+def running_server(run_dir: Path) -> Server | None:
+    """The server of ``run_dir`` as its rendered config, PID file and key file describe it."""
+    try:
+        pid = int((Path(run_dir) / "tmp" / ".model_server.pid").read_text().strip())
+        config = (Path(run_dir) / "config.properties").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    props = dict(line.split("=", 1) for line in config if "=" in line and line[0] != "#")
+    ports = {kind: int(props[f"{kind}_address"].rsplit(":", 1)[1])
+             for kind in ("inference", "management", "metrics")}
+    return Server(Path(run_dir), ports, pid, *read_keys(Path(run_dir)))
+
+
+def worker_pids(server: Server, model: str) -> list[int]:
+    reply = requests.get(f"{server.url('management')}/models/{model}",
+                         headers=server.headers("management"), timeout=10)
+    return [w["pid"] for w in reply.json()[0]["workers"]] if reply.ok else []
+
+
+def drain_workers(server: Server, models: tuple[str, ...] = STREAMING_MODELS,
+                  timeout_s: float = 30) -> None:
+    """SIGTERM each worker of ``models`` and wait until none has a stream left.
+
+    TorchServe 0.12 gives a worker no warning before it closes the worker's socket and
+    SIGKILLs it (scale-down, unregister, stop), so a stream in flight then is cut off. A worker
+    of handlers/continuous_batching.py that gets SIGTERM ends every stream with a last chunk
+    carrying an error, answers new requests with 503 and stops its engine; it stays up until
+    TorchServe stops or scales it.
+    """
+    for model in models:
+        try:
+            pids = worker_pids(server, model)
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            continue
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+    deadline = time.monotonic() + timeout_s
+    pending = list(models)
+    while pending and time.monotonic() < deadline:
+        try:
+            reply = requests.get(f"{server.url()}/predictions/{pending[0]}/1.0/stats",
+                                 headers=server.headers(), timeout=10)
+            stats = reply.json() if reply.ok else {}
+        except (requests.RequestException, ValueError):
+            stats = {}                  # not served any more
+        if not stats or stats.get("draining") and stats.get("num_streams") == 0:
+            pending.pop(0)
+        else:
+            time.sleep(0.1)
+
+
+def stop_server(run_dir: Path = RUN_DIR, timeout_s: float = 60,
+                drain: tuple[str, ...] = STREAMING_MODELS) -> bool:
+    """Stop the server whose PID file is in ``run_dir``: drain the streaming models' workers
+    first (in-flight streams end with an error chunk, not a reset), then wait for Java to exit."""
     pid_file = Path(run_dir) / "tmp" / ".model_server.pid"
     if not pid_file.exists():
         return False
     pid = int(pid_file.read_text().strip())
+    server = running_server(run_dir)
+    if drain and server is not None and _alive(pid):
+        drain_workers(server, drain, timeout_s=min(timeout_s, 30))
     if _alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -205,6 +268,8 @@ def usage(server: Server) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stop", action="store_true", help="stop the running server")
+    parser.add_argument("--drain", default=None, metavar="MODELS",
+                        help="drain these streaming models' workers (comma-separated) and exit")
     parser.add_argument("--demo", action="store_true",
                         help="build models and archives if needed, start, stream a sample")
     parser.add_argument("--size", choices=["tiny", "default"], default="default",
@@ -221,6 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stop:
         print("stopped" if stop_server(args.run_dir) else "no server running")
+        return
+    if args.drain:
+        server = running_server(args.run_dir)
+        if server is None:
+            raise SystemExit("no server running")
+        drain_workers(server, tuple(m for m in args.drain.split(",") if m))
+        print(f"drained {args.drain}: in-flight streams ended, new requests get 503")
         return
     models = tuple(m for m in args.models.split(",") if m)
     if args.demo or args.build:

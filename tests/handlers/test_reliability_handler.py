@@ -14,7 +14,8 @@ import pytest
 import engine.llm_engine as llm_engine
 from engine import LLMEngine
 from engine.detokenizer import Detokenizer
-from handlers.continuous_batching import DRAIN_MESSAGE, ContinuousBatchingHandler
+from handlers.continuous_batching import (DRAIN_MESSAGE, ORPHAN_MESSAGE,
+                                          ContinuousBatchingHandler)
 from handlers.engine_loop import EngineLoop
 from handlers.settings import HandlerSettings
 
@@ -68,6 +69,12 @@ class Frontend:
 
     def send(self, rid: str, body: dict, path: str = "") -> Reply:
         self.replies[rid], self.paths[rid] = Reply(body), path
+        return self.replies[rid]
+
+    def requeue(self, rid: str, path: str = "") -> Reply:
+        """A job that was streaming on a previous worker: TorchServe re-sends it bodiless."""
+        self.replies[rid], self.paths[rid] = Reply({}, status=200), path
+        self.cached.add(rid)
         return self.replies[rid]
 
     def call(self) -> None:
@@ -290,3 +297,14 @@ def test_sigterm_drains_every_stream_with_an_error_and_stops_the_engine(handler,
     handler.loop._thread.join(timeout=10)
     assert not handler.loop._thread.is_alive(), "engine thread still running"
     assert handler.loop.engine.allocator.num_used == 0 and not handler.loop.engine.has_unfinished()
+
+
+def test_stream_of_a_previous_worker_ends_with_an_error_chunk(handler):
+    fe = Frontend(handler)
+    native = fe.requeue("native")
+    sse = fe.requeue("sse", "v1/completions")
+    new = fe.send("new", {"prompt": "hi", "max_tokens": 4, "stream": True})
+    fe.run()
+    assert native.lines() == [{"finish_reason": "error", "error": ORPHAN_MESSAGE}]
+    assert ORPHAN_MESSAGE in sse.text and sse.text.endswith("data: [DONE]\n\n")
+    assert new.lines()[-1]["usage"]["completion_tokens"] == 4
