@@ -18,8 +18,9 @@ Rules learned from TorchServe 0.12 (docs/serving.md, "Wire rules"):
 - a request missing from a call was dropped by the frontend (client gone): abort it; a lease
   renewed by every call covers the last request, after which no call comes at all;
 - a request id never seen that arrives as an empty dict was streaming on a previous worker
-  (killed or scaled down: TorchServe re-queues its job without the body): it gets a last
-  chunk with an error and criterion True, which ends its stream cleanly;
+  (killed or scaled down: TorchServe re-queues its job without the body), or is a POST with
+  no body field at all (an empty form): it gets an error chunk with criterion False (headers
+  first in the second case), then "" with criterion True, which ends either stream cleanly;
 - should a request answered with a complete response be sent again (TorchServe's source
   allows it on a kept-alive connection; not observed in 0.12.0), answer "" with criterion
   True, which retires it;
@@ -32,7 +33,8 @@ Reliability: a request's own fault (bad limits, tokenizer error, a crash while r
 fails that request alone; nothing raises out of ``handle``. SIGTERM to the worker drains it:
 every in-flight stream ends with a last chunk carrying an error, new requests get a 503, and
 the engine thread stops (TorchServe 0.12 itself closes the worker socket and SIGKILLs the
-worker on scale-down or stop, with no window to send anything: docs/serving.md, "Drain").
+worker on scale-down or stop, with no window to send anything: docs/serving.md,
+"Reliability").
 """
 import json
 import logging
@@ -66,6 +68,7 @@ class ContinuousBatchingHandler(BaseHandler):
         self.framers: dict[str, Framer] = {}   # in-flight requests, by TorchServe request id
         self.started: set[str] = set()         # requests whose first chunk went out
         self.closed: set[str] = set()          # answered with a complete response
+        self.ending: set[str] = set()          # sent their last chunk; end them with "" + True
         self.model_name = ""
 
     def initialize(self, context: Any) -> None:
@@ -93,13 +96,18 @@ class ContinuousBatchingHandler(BaseHandler):
         for idx, (rid, request) in enumerate(zip(ids, data)):
             if rid in self.framers:
                 continue
+            if rid in self.ending:
+                self.ending.discard(rid)
+                verdicts[idx] = True
+                continue
             if rid in self.closed:     # answered already; TorchServe sent it once more
                 logger.debug("request %s: retiring after its complete response", rid)
                 self.closed.discard(rid)
                 verdicts[idx] = True
                 continue
             if not request:             # mid-stream on a worker that died or was scaled down
-                replies[idx], verdicts[idx] = self._orphan(idx, rid, context), True
+                replies[idx] = self._orphan(idx, rid, context)
+                self.ending.add(rid)
                 continue
             reply = self._admit(idx, rid, request, context)
             if reply is not None:
@@ -185,7 +193,7 @@ class ContinuousBatchingHandler(BaseHandler):
         return framer.chunk(outputs, stream), True
 
     def _orphan(self, idx: int, rid: str, context: Any) -> str:
-        """The last chunk of a stream whose worker is gone: TorchServe re-queued its job."""
+        """The error chunk for a stream whose worker is gone (TorchServe re-queued its job)."""
         logger.info("request %s: stream of a previous worker, ending it", rid)
         err = RequestError(ORPHAN_MESSAGE, status=500)
         route = (context.get_request_header(idx, "url_path") or "").strip("/")
@@ -215,6 +223,7 @@ class ContinuousBatchingHandler(BaseHandler):
                 self.loop.abort(rid)
                 self._forget(rid)
         self.closed &= present
+        self.ending &= present
 
     def _forget(self, rid: str) -> None:
         self.framers.pop(rid, None)

@@ -79,7 +79,8 @@ class Frontend:
 
     def call(self) -> None:
         ids = [rid for rid, r in self.replies.items() if not r.done]
-        data = [{} if rid in self.cached else {"body": self.replies[rid].body} for rid in ids]
+        data = [{} if rid in self.cached or self.replies[rid].body == {} else
+                {"body": self.replies[rid].body} for rid in ids]
         ctx = Context(ids, [self.paths[rid] for rid in ids])
         out = self.handler.handle(data, ctx)
         assert len(out) == len(ids)
@@ -304,7 +305,10 @@ def test_stream_of_a_previous_worker_ends_with_an_error_chunk(handler):
     native = fe.requeue("native")
     sse = fe.requeue("sse", "v1/completions")
     new = fe.send("new", {"prompt": "hi", "max_tokens": 4, "stream": True})
+    empty_form = fe.send("empty", {})      # a POST with no body field: data arrives as {} too
     fe.run()
-    assert native.lines() == [{"finish_reason": "error", "error": ORPHAN_MESSAGE}]
+    for reply in (native, empty_form):
+        assert reply.status == 200 and reply.chunks[-1] == ""
+        assert reply.lines() == [{"finish_reason": "error", "error": ORPHAN_MESSAGE}]
     assert ORPHAN_MESSAGE in sse.text and sse.text.endswith("data: [DONE]\n\n")
     assert new.lines()[-1]["usage"]["completion_tokens"] == 4
