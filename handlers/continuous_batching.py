@@ -171,16 +171,18 @@ class ContinuousBatchingHandler(BaseHandler):
         framer = self.framers[rid]
         context.set_response_content_type(idx, framer.content_type)
         first = rid not in self.started
-        if not framer.stream:
-            stream = self.loop.get(rid)
-            if stream is not None and not stream.finished and not stream.orphaned:
-                return None
         drained = self.loop.drain(rid)
         if drained is None:             # aborted behind our back (lease lapsed)
             self._forget(rid)
+            if first:
+                self.closed.add(rid)
+                return self._error(idx, RequestError("request aborted", status=500),
+                                   context), None
             return "", True
         stream, outputs = drained
         if not stream.finished:
+            if not framer.stream:       # held: its text accumulates in the stream
+                return None
             self.started.add(rid)
             return framer.chunk(outputs, stream), False
         self._forget(rid)

@@ -4,9 +4,9 @@ TorchServe calls the handler once per round trip; the engine steps at its own pa
 thread. Each request has a RequestStream that collects the engine's deltas until the handler
 drains them. A request whose lease is not renewed (its client is gone and TorchServe stopped
 sending it) is aborted here, so its KV blocks return to the pool; so is one past its deadline,
-which finishes with an error and an HTTP status for the handler to send. ``stop`` with a
-message fails every stream first (a drain) and lets the thread free their blocks before it
-ends. This file knows the engine API and threads, never TorchServe's wire format.
+which finishes with an error and an HTTP status for the handler to send. ``stop`` fails
+every stream (a drain) and lets the thread free their blocks before it ends. This file knows
+the engine API and threads, never TorchServe's wire format.
 """
 import logging
 import threading
@@ -71,11 +71,10 @@ class EngineLoop:
     def stopping(self) -> bool:
         return self._stopping
 
-    def stop(self, message: str | None = None, status: int = 503) -> None:
-        """End the engine thread; with ``message``, fail every stream with it first (a drain)."""
+    def stop(self, message: str = "the engine stopped", status: int = 503) -> None:
+        """Fail every stream with ``message``, free their blocks, end the engine thread."""
         with self._cond:
-            if message is not None:
-                self._fail_all(message, status)
+            self._fail_all(message, status)
             self._stopping = True
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:

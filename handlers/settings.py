@@ -30,7 +30,7 @@ class HandlerSettings(BaseModel):
     step_wait_s: float = Field(0.02, gt=0)             # longest a handle() call waits for tokens
     metrics_interval_s: float = Field(0.5, gt=0)       # engine gauges at most this often
     # reliability (handlers/limits.py): beyond these a request is a 400 naming the field
-    request_timeout_s: float = Field(300.0, gt=0)      # deadline from arrival; requests may lower it
+    request_timeout_s: float = Field(300.0, gt=0)      # deadline from arrival; may be lowered
     max_stop_strings: int = Field(16, ge=0)            # stop strings in one request
     max_stop_chars: int = Field(256, ge=1)             # characters in one stop string
 
