@@ -8,7 +8,14 @@ made of its tokens and its predecessor's key (the whole prefix, in effect). A ne
 whose leading full blocks match registered keys shares those blocks (reference count + 1)
 and skips computing them. A block whose count drops to 0 goes to the tail of the free list
 but keeps its key, so it can still be matched until it is handed out again: eviction is LRU.
+
+Forks (parallel sampling, ``n`` > 1): a child table shares every block of its parent
+(reference count + 1). Full blocks are final, so sharing them is free; a shared partial last
+block is copied on write: the first table to append to it gets a fresh block and the copy
+``(src, dst)`` is queued for the model runner (``take_copies``), which copies the K/V before
+the step's forward writes anything. A block is written in place only while one table holds it.
 """
+from typing import Hashable
 
 
 class BlockAllocator:
@@ -23,10 +30,11 @@ class BlockAllocator:
         self.fill = [0] * num_blocks               # tokens written into each block
         self.block_key: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}           # key -> block id
-        self.tables: dict[str, list[int]] = {}
-        self.keys: dict[str, list[int]] = {}       # keys of each table's registered blocks
-        self.num_tokens: dict[str, int] = {}       # tokens each table covers
+        self.tables: dict[Hashable, list[int]] = {}
+        self.keys: dict[Hashable, list[int]] = {}  # keys of each table's registered blocks
+        self.num_tokens: dict[Hashable, int] = {}  # tokens each table covers
         self.tokens_stored = 0                     # tokens in blocks in use, shared ones once
+        self.copies: list[tuple[int, int]] = []    # (src, dst) block copies not yet done
 
     @property
     def num_free(self) -> int:
@@ -39,28 +47,26 @@ class BlockAllocator:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def table(self, seq_id: str) -> list[int]:
+    def table(self, seq_id: Hashable) -> list[int]:
         return self.tables.get(seq_id, [])
 
-    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
+    def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Whether the table of ``seq_id`` can grow to cover ``num_tokens`` tokens."""
-        return self.blocks_for(num_tokens) - len(self.table(seq_id)) <= len(self.free_blocks)
+        needed = self.blocks_for(num_tokens) - len(self.table(seq_id))
+        return needed + self._shared_tail(seq_id, num_tokens) <= len(self.free_blocks)
 
-    def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
-        """Grow (never shrink) the table of ``seq_id`` to cover ``num_tokens`` tokens."""
+    def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+        """Grow (never shrink) the table of ``seq_id`` to cover ``num_tokens`` tokens; a shared
+        partial last block it is about to write is copied first."""
         if not self.can_allocate(seq_id, num_tokens):
             raise MemoryError(f"{seq_id} needs {self.blocks_for(num_tokens)} KV blocks in all, "
                               f"{len(self.free_blocks)} free")
         table = self.tables.setdefault(seq_id, [])
-        while len(table) < self.blocks_for(num_tokens):
-            block = next(iter(self.free_blocks))      # least recently freed
-            self._take(block)
-            if self.block_key[block] is not None:     # evict what it cached
-                del self.cached[self.block_key[block]]
-                self.block_key[block] = None
-                self.fill[block] = 0
-            table.append(block)
         covered = self.num_tokens.get(seq_id, 0)
+        if self._shared_tail(seq_id, num_tokens):
+            self._copy_on_write(table, covered // self.block_size)
+        while len(table) < self.blocks_for(num_tokens):
+            table.append(self._fresh())
         for i in range(covered // self.block_size, self.blocks_for(num_tokens)):
             filled = min(self.block_size, num_tokens - i * self.block_size)
             if filled > self.fill[table[i]]:
@@ -69,7 +75,22 @@ class BlockAllocator:
         self.num_tokens[seq_id] = max(covered, num_tokens)
         return table
 
-    def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """Give ``child_id`` a table sharing every block of ``parent_id``'s."""
+        assert child_id not in self.tables, f"{child_id} already has a table"
+        table = self.tables[parent_id]
+        for block in table:
+            self._take(block)
+        self.tables[child_id] = list(table)
+        self.keys[child_id] = list(self.keys.get(parent_id, []))
+        self.num_tokens[child_id] = self.num_tokens[parent_id]
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The queued (src, dst) block copies, to be done before this step's forward."""
+        copies, self.copies = self.copies, []
+        return copies
+
+    def match_prefix(self, seq_id: Hashable, token_ids: list[int]) -> int:
         """Share the cached blocks that hold a prefix of ``token_ids`` with the new table of
         ``seq_id``; returns how many tokens they cover (never all: one is left to compute)."""
         assert seq_id not in self.tables
@@ -89,7 +110,7 @@ class BlockAllocator:
         self.num_tokens[seq_id] = len(table) * self.block_size
         return len(table) * self.block_size
 
-    def register(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+    def register(self, seq_id: Hashable, token_ids: list[int], num_computed: int) -> None:
         """Offer every block of ``seq_id`` that ``num_computed`` tokens fill to the cache."""
         if not self.prefix_caching:
             return
@@ -101,7 +122,7 @@ class BlockAllocator:
                 self.cached[key] = table[i]
                 self.block_key[table[i]] = key
 
-    def free(self, seq_id: str) -> None:
+    def free(self, seq_id: Hashable) -> None:
         """Release every block of ``seq_id``; a block returns to the pool when unreferenced."""
         for block in reversed(self.tables.pop(seq_id, [])):    # tail blocks evicted first
             assert self.ref_counts[block] > 0, f"block {block} freed twice"
@@ -113,6 +134,32 @@ class BlockAllocator:
                     self.fill[block] = 0
         self.keys.pop(seq_id, None)
         self.num_tokens.pop(seq_id, None)
+
+    def _shared_tail(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Whether growing to ``num_tokens`` writes into a partial block another table holds."""
+        covered = self.num_tokens.get(seq_id, 0)
+        if covered % self.block_size == 0 or num_tokens <= covered:
+            return False
+        return self.ref_counts[self.tables[seq_id][covered // self.block_size]] > 1
+
+    def _copy_on_write(self, table: list[int], i: int) -> None:
+        src = table[i]
+        dst = self._fresh()
+        self.ref_counts[src] -= 1               # still held by another table
+        self.fill[dst] = self.fill[src]
+        self.tokens_stored += self.fill[dst]
+        self.copies.append((src, dst))
+        table[i] = dst
+
+    def _fresh(self) -> int:
+        """The least recently freed block, taken, with whatever it cached evicted."""
+        block = next(iter(self.free_blocks))
+        self._take(block)
+        if self.block_key[block] is not None:
+            del self.cached[self.block_key[block]]
+            self.block_key[block] = None
+        self.fill[block] = 0
+        return block
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -2,6 +2,8 @@
 
 ``add_request`` and ``abort`` may be called from any thread: they only queue work, which
 ``step`` takes up at its start. Everything else runs on the thread that calls ``step``.
+A request with ``n`` or ``best_of`` > 1 is forked into its choices when its prompt's last
+chunk is scheduled (engine/parallel_sampling.py); each choice reports its own deltas.
 """
 import threading
 from pathlib import Path
@@ -13,11 +15,13 @@ from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.faults import NONFINITE, NONFINITE_MESSAGE, sequence_error, step_error
+from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner
 from engine.models import read_spec
 from engine.outputs import EngineStats, RequestOutput
+from engine.parallel_sampling import ParentRequest
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
 
 
@@ -34,7 +38,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(self.runner.num_blocks, self.config.block_size,
                                         self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.allocator)
-        self.seqs: dict[str, Sequence] = {}
+        self.token_texts = TokenTexts(self.tokenizer)
+        self.seqs: dict[str, Sequence] = {}           # by request id: its first choice
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -53,12 +58,18 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens; this engine fits at most {room - 1} "
                              f"(max_model_len {self.max_model_len}, KV pool "
                              f"{self.allocator.num_blocks * self.config.block_size} tokens)")
-        max_tokens = params.max_tokens or room - len(ids)
+        max_tokens = room - len(ids) if params.max_tokens is None else params.max_tokens
         if len(ids) + max_tokens > room:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"the {room} tokens a sequence may hold")
+        if params.num_children > self.config.max_num_seqs:
+            raise ValueError(f"n/best_of ({params.num_children}) exceeds max_num_seqs "
+                             f"({self.config.max_num_seqs}): its choices run side by side")
+        parent = ParentRequest(params) if params.num_children > 1 else None
         seq = Sequence(request_id, ids, params, max_tokens,
-                       Detokenizer(self.tokenizer, ids, params.stop))
+                       Detokenizer(self.tokenizer, ids, params.stop), parent=parent)
+        if parent is not None:
+            parent.seqs.append(seq)
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -97,27 +108,62 @@ class LLMEngine:
             self.seqs[seq.request_id] = seq
             self.scheduler.add(seq)
             self.prompt_tokens_total += seq.num_prompt_tokens
-        outputs = [self._finish(self.seqs[rid], "abort") for rid in aborts if rid in self.seqs]
+        outputs = [out for rid in aborts if rid in self.seqs for out in self._abort(rid)]
         batch = self.scheduler.schedule()
+        self._fork(batch)
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         if not batch.seqs:
             return outputs
+        children = [child for _, child in batch.forks]
         try:
             tokens = self.runner.run(batch, self.allocator)
         except Exception as exc:    # the step's fault (OOM, kernel error): fail its requests
             message = step_error(exc, len(batch.seqs), self.runner.device)
-            return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
+            return outputs + [out for seq in batch.seqs + children
+                              for out in self._finish(seq, "error", error=message)]
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             if token == NONFINITE:      # one row's fault: its K/V is garbage, never register it
-                outputs.append(self._finish(seq, "error", error=NONFINITE_MESSAGE))
+                outputs += self._finish(seq, "error", error=NONFINITE_MESSAGE)
                 continue
             seq.num_computed_tokens += num_new
-            self.allocator.register(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            self.allocator.register(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if token is not None:
-                outputs.append(self._append(seq, token))
+                outputs += self._append(seq, token)
+        for child, token in zip(children, tokens[len(batch.seqs):]):
+            if token == NONFINITE:      # its parent's row: the shared prompt K/V is garbage
+                outputs += self._finish(child, "error", error=NONFINITE_MESSAGE)
+            else:
+                outputs += self._append(child, token)
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    def _fork(self, batch: Batch) -> None:
+        """Fork the other choices of requests whose prompt completes this step."""
+        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            parent = seq.parent
+            if parent is None or parent.forked or seq.num_computed_tokens + num_new < seq.num_tokens:
+                continue
+            parent.forked = True
+            for index in range(1, parent.num_children):
+                params = parent.child_params(seq.params, index)
+                child = Sequence(seq.request_id, seq.token_ids, params, seq.max_tokens,
+                                 Detokenizer(self.tokenizer, seq.token_ids, params.stop),
+                                 index, parent)
+                child.arrival_time, child.queue_time_s = seq.arrival_time, seq.queue_time_s
+                child.num_computed_tokens = seq.num_computed_tokens + num_new
+                self.allocator.fork(seq.seq_id, child.seq_id)
+                self.scheduler.add_running(child)
+                parent.seqs.append(child)
+                batch.forks.append((row, child))
+
+    def _abort(self, request_id: str) -> list[RequestOutput]:
+        head = self.seqs[request_id]
+        choices = head.parent.seqs if head.parent else [head]
+        return [out for seq in list(choices) if seq.status is not Status.FINISHED
+                for out in self._finish(seq, "abort")]
+
+    def _append(self, seq: Sequence, token: int) -> list[RequestOutput]:
+        if seq.max_tokens == 0:         # prompt scoring only: the sampled token is dropped
+            return self._finish(seq, "length")
         seq.token_ids.append(token)
         self.generation_tokens_total += 1
         try:
@@ -136,21 +182,56 @@ class LLMEngine:
         elif n >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is None:
-            return self._output(seq, text, [token])
+            if seq.parent is not None and seq.parent.ranks:
+                return []                # best_of: reported once every choice has finished
+            return [self._output(seq, text, [token])]
         return self._finish(seq, reason, text, [token])
 
     def _finish(self, seq: Sequence, reason: str, text: str = "",
-                token_ids: list[int] | None = None, error: str | None = None) -> RequestOutput:
+                token_ids: list[int] | None = None,
+                error: str | None = None) -> list[RequestOutput]:
         self.scheduler.finish(seq, reason)
-        del self.seqs[seq.request_id]
-        with self._lock:
-            self._live.discard(seq.request_id)
-        return self._output(seq, text + seq.detokenizer.flush(), token_ids or [], reason, error)
+        parent = seq.parent
+        if parent is not None:
+            if not parent.forked:        # ended before its fork: the other choices never start
+                parent.forked, parent.num_children = True, 1
+            parent.num_finished += 1
+        text += seq.detokenizer.flush()
+        if parent is None or parent.choices_running == 0:
+            del self.seqs[seq.request_id]
+            with self._lock:
+                self._live.discard(seq.request_id)
+        if parent is None or not parent.ranks:
+            return [self._output(seq, text, token_ids or [], reason, error)]
+        if parent.choices_running:
+            return []
+        winners = parent.winners()
+        return [self._output(w, w.detokenizer.text, w.output_token_ids, w.finish_reason,
+                             error if w is seq else None, index=i,
+                             choices_running=len(winners) - 1 - i)
+                for i, w in enumerate(winners)]
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int],
-                reason: str | None = None, error: str | None = None) -> RequestOutput:
-        return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, error, seq.queue_time_s)
+                reason: str | None = None, error: str | None = None, index: int | None = None,
+                choices_running: int | None = None) -> RequestOutput:
+        """A delta of ``seq``'s choice; ``index`` and ``choices_running`` are given for best_of."""
+        parent = seq.parent
+        if choices_running is None:
+            choices_running = parent.choices_running if parent else 0
+        out = RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
+                            seq.num_output_tokens, error, seq.queue_time_s,
+                            index=seq.index if index is None else index,
+                            choices_running=choices_running)
+        if seq.params.logprobs is not None:
+            out.logprobs = self.token_texts.fill(seq.logprobs[len(seq.logprobs) - len(token_ids):])
+        if seq.scores_tokens:
+            out.cumulative_logprob = seq.cumulative_logprob
+        head = parent.seqs[0] if parent else seq
+        if head.params.prompt_logprobs is not None and not head.needs_prompt_logprobs:
+            if not head.prompt_logprobs_sent:
+                head.prompt_logprobs_sent = True
+                out.prompt_logprobs = self.token_texts.fill(head.prompt_logprobs)
+        return out
 
     def stats(self) -> EngineStats:
         a, s = self.allocator, self.scheduler
@@ -167,33 +248,44 @@ class LLMEngine:
     def generate(self, prompts: list[str | list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Offline: run every prompt to completion; full results in the prompts' order.
+        """Offline: run every prompt to completion; full results in the prompts' order, one
+        per choice (``index`` 0..n-1) for a prompt that asks for ``n`` > 1.
 
         A prompt that cannot be served gets finish_reason "error" and the reason in ``error``.
         """
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"generate-{i}" for i in range(len(prompts))]
-        results = {rid: RequestOutput(rid) for rid in ids}
+        slots = [(rid, j) for rid, p in zip(ids, params_list) for j in range((p or SamplingParams()).n)]
+        results = {(rid, j): RequestOutput(rid, index=j) for rid, j in slots}
+        pending = len(ids)
         for rid, prompt, p in zip(ids, prompts, params_list):
             try:
                 self.add_request(rid, prompt, p)
             except ValueError as e:
-                results[rid].finish_reason, results[rid].error = "error", str(e)
-        pending = sum(1 for r in results.values() if not r.finished)
+                pending -= 1
+                for j in range((p or SamplingParams()).n):
+                    results[rid, j].finish_reason, results[rid, j].error = "error", str(e)
         with tqdm(total=pending, desc="generate", disable=not use_tqdm) as bar:
             while self.has_unfinished():
                 for out in self.step():
-                    if out.request_id not in results:
+                    r = results.get((out.request_id, out.index))
+                    if r is None:
                         continue
-                    r = results[out.request_id]
                     r.text += out.text
                     r.token_ids += out.token_ids
                     r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
                     r.queue_time_s = out.queue_time_s
-                    if out.finished:
-                        r.finish_reason, r.error = out.finish_reason, out.error
-                        bar.update(1)
-        return [results[rid] for rid in ids]
+                    r.cumulative_logprob = out.cumulative_logprob
+                    if out.logprobs is not None:
+                        r.logprobs = (r.logprobs or []) + out.logprobs
+                    if out.prompt_logprobs is not None:
+                        for rid, j in slots:
+                            if rid == out.request_id:
+                                results[rid, j].prompt_logprobs = out.prompt_logprobs
+                    r.finish_reason = out.finish_reason
+                    r.error = out.error or r.error
+                    bar.update(out.finished)
+        return [results[slot] for slot in slots]
 
 
 def _eos_ids(model_path: str, tokenizer) -> list[int]:

@@ -3,7 +3,11 @@
 Each step's sequences are laid end to end: every token gets its position and its cache slot
 (``block * block_size + offset``), every sequence its block table, cached length and query
 offset. Logits are computed only at the last position of sequences that finish their
-uncomputed tokens this step; a prefill chunk that stops short samples nothing.
+uncomputed tokens this step; a prefill chunk that stops short samples nothing. Choices forked
+this step sample from their parent's row. Block copies the allocator queued (copy on write)
+are done before the forward. Logprobs (engine/logprobs.py) are taken from the raw logits,
+before the sampler touches them: of sampled tokens for sequences that score them, and of every
+prompt position for sequences that still owe prompt logprobs.
 """
 import logging
 
@@ -11,12 +15,14 @@ import psutil
 import torch
 
 import kernels
+from engine import logprobs
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.faults import NONFINITE, finite_rows
 from engine.models import AttentionMetadata, CausalLM, load_model
 from engine.sampler import Sampler
 from engine.scheduler import Batch
+from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch, allocator: BlockAllocator) -> list[int | None]:
         """Forward ``batch``; the sampled token per sequence (None: partial chunk, NONFINITE:
-        that row's logits were not finite)."""
+        that row's logits were not finite), then one per forked choice."""
+        self.copy_blocks(allocator.take_copies())
         ids, starts, sample_rows = [], [], []
         seq_lens, q_starts = [], [0]
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
@@ -78,26 +85,76 @@ class ModelRunner:
         meta, pos = self._metadata(batch, allocator, starts, seq_lens, q_starts)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta)
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        if sample_rows:
-            last = torch.tensor([q_starts[r + 1] - 1 for r in sample_rows], device=self.device)
+        self._score_prompts(batch, hidden, starts, q_starts)
+        tokens: list[int | None] = [None] * (len(batch.seqs) + len(batch.forks))
+        rows = sample_rows + [r for r, _ in batch.forks]
+        if rows:
+            last = torch.tensor([q_starts[r + 1] - 1 for r in rows], device=self.device)
             logits = self.model.logits(hidden[last])
+            seqs = [batch.seqs[r] for r in sample_rows] + [child for _, child in batch.forks]
+            slots = sample_rows + list(range(len(batch.seqs), len(tokens)))   # where tokens go
             finite = finite_rows(logits)
             if not all(finite):     # those rows fail alone (NONFINITE); the rest are sampled
-                for r, ok in zip(sample_rows, finite):
-                    tokens[r] = None if ok else NONFINITE
+                for slot, ok in zip(slots, finite):
+                    tokens[slot] = None if ok else NONFINITE
                 logits = logits[torch.tensor(finite, device=logits.device)]
-                sample_rows = [r for r, ok in zip(sample_rows, finite) if ok]
-            if sample_rows:
-                sampled = self.sampler(logits, [batch.seqs[r] for r in sample_rows])
-                for r, token in zip(sample_rows, sampled):
-                    tokens[r] = token
+                seqs = [seq for seq, ok in zip(seqs, finite) if ok]
+                slots = [slot for slot, ok in zip(slots, finite) if ok]
+            if seqs:
+                scored = [i for i, seq in enumerate(seqs) if seq.scores_tokens]
+                raw = logits[scored] if scored else None  # the sampler may edit logits in place
+                sampled = self.sampler(logits, seqs)
+                if scored:
+                    self._score_samples(raw, [seqs[i] for i in scored],
+                                        [sampled[i] for i in scored])
+                for slot, token in zip(slots, sampled):
+                    tokens[slot] = token
         return tokens
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks ``src -> dst`` in every layer (copy on write of shared blocks)."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for attn in self.model.attention_layers():
+            attn.k_cache.index_copy_(0, dst, attn.k_cache.index_select(0, src))
+            attn.v_cache.index_copy_(0, dst, attn.v_cache.index_select(0, src))
+
+    def _score_samples(self, logits: torch.Tensor, seqs: list[Sequence],
+                       tokens: list[int]) -> None:
+        top_n = [seq.params.logprobs or 0 for seq in seqs]
+        for seq, entry in zip(seqs, logprobs.gather(logits, tokens, top_n)):
+            seq.cumulative_logprob += entry.token.logprob
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(entry)
+
+    def _score_prompts(self, batch: Batch, hidden: torch.Tensor, starts: list[int],
+                       q_starts: list[int], rows_per_call: int = 256) -> None:
+        """Logprobs of the prompt tokens this step's positions predict, for those who owe them."""
+        rows, targets, owners = [], [], []
+        for r, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if not seq.needs_prompt_logprobs:
+                continue
+            # position p predicts token p + 1; after a preemption skip what is already known
+            first = max(starts[r], len(seq.prompt_logprobs) - 1)
+            end = min(starts[r] + num_new, seq.num_prompt_tokens - 1)
+            for p in range(first, end):
+                rows.append(q_starts[r] + p - starts[r])
+                targets.append(seq.token_ids[p + 1])
+                owners.append(seq)
+        for i in range(0, len(rows), rows_per_call):
+            part = slice(i, i + rows_per_call)
+            index = torch.tensor(rows[part], device=self.device)
+            entries = logprobs.gather(self.model.logits(hidden[index]), targets[part],
+                                      [seq.params.prompt_logprobs for seq in owners[part]])
+            for seq, entry in zip(owners[part], entries):
+                seq.prompt_logprobs.append(entry)
 
     def _metadata(self, batch: Batch, allocator: BlockAllocator, starts: list[int],
                   seq_lens: list[int], q_starts: list[int]
                   ) -> tuple[AttentionMetadata, torch.Tensor]:
-        tables = [allocator.table(seq.request_id) for seq in batch.seqs]
+        tables = [allocator.table(seq.seq_id) for seq in batch.seqs]
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables],
                                     dtype=torch.int32)

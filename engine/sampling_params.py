@@ -3,16 +3,23 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.logprobs import MAX_LOGPROBS
+
 
 class SamplingParams(BaseModel):
     """How one request samples and when it stops; invalid values raise a ValidationError.
 
     ``max_tokens=None`` means "up to max_model_len"; ``top_k`` of 0 or -1 and ``top_p`` of 1
     disable those filters; ``temperature`` 0 is greedy.
+
+    ``logprobs=N`` reports each new token's logprob and the N most likely alternatives;
+    ``prompt_logprobs=N`` the same for every prompt token (the first is None). ``n`` answers
+    come from one prefill; ``best_of`` (>= n) runs that many and keeps the n with the highest
+    cumulative logprob. ``max_tokens=0`` only scores the prompt (needs ``prompt_logprobs``).
     """
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
@@ -25,6 +32,10 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -52,6 +63,22 @@ class SamplingParams(BaseModel):
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
                              f"({self.max_tokens})")
         return self
+
+    @model_validator(mode="after")
+    def _choices_and_scoring(self) -> "SamplingParams":
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens: 0 generates nothing; it only scores the prompt, "
+                             "so it needs prompt_logprobs")
+        if self.max_tokens == 0 and self.num_children > 1:
+            raise ValueError("max_tokens: 0 scores the prompt once; n and best_of must be 1")
+        return self
+
+    @property
+    def num_children(self) -> int:
+        """Sequences this request runs: best_of if given, else n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

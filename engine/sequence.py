@@ -1,11 +1,16 @@
 """Sequence: the engine's state for one request, from admission to its last token."""
 import time
 from enum import Enum
+from typing import TYPE_CHECKING, Hashable
 
 import torch
 
 from engine.detokenizer import Detokenizer
+from engine.logprobs import PositionLogprobs
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.parallel_sampling import ParentRequest
 
 
 class Status(Enum):
@@ -18,12 +23,18 @@ class Sequence:
     """Token ids (prompt then output), how many of them the KV cache holds, and the request.
 
     ``num_computed_tokens`` counts tokens whose K/V are in the cache; a preempted sequence
-    drops back to 0 and recomputes prompt and output together.
+    drops back to 0 and recomputes prompt and output together. ``seq_id`` keys its block
+    table: the request id for a request's first sequence, ``(request_id, index)`` for the
+    other choices of an ``n`` > 1 request (``parent`` ties them together).
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 max_tokens: int, detokenizer: Detokenizer) -> None:
+                 max_tokens: int, detokenizer: Detokenizer, index: int = 0,
+                 parent: "ParentRequest | None" = None) -> None:
         self.request_id = request_id
+        self.index = index
+        self.seq_id: Hashable = request_id if index == 0 else (request_id, index)
+        self.parent = parent
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.num_computed_tokens = 0
@@ -37,6 +48,26 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+        self.logprobs: list[PositionLogprobs] = []          # one per output token, if asked
+        self.prompt_logprobs: list[PositionLogprobs | None] = [None]    # filled during prefill
+        self.prompt_logprobs_sent = False
+        self.cumulative_logprob = 0.0
+
+    @property
+    def scores_tokens(self) -> bool:
+        """Whether each sampled token's logprob is needed (asked for, or to rank best_of)."""
+        return self.params.logprobs is not None or (self.parent is not None
+                                                    and self.parent.ranks)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
+
+    @property
+    def width(self) -> int:
+        """Scheduler slots it takes: all its choices while they are still to be forked."""
+        return self.parent.num_children if self.parent and not self.parent.forked else 1
 
     @property
     def num_tokens(self) -> int:
