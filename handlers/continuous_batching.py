@@ -144,7 +144,8 @@ class ContinuousBatchingHandler(BaseHandler):
         try:
             parsed = parse_request(request, url_path, self.loop.engine.tokenizer,
                                    self.settings.default_max_tokens,
-                                   self.settings.max_tokens_limit)
+                                   self.settings.max_tokens_limit,
+                                   self.loop.engine.config.max_num_seqs)
             if parsed.api in ("models", "stats"):
                 context.set_response_content_type(idx, "application/json")
                 return json.dumps(self._info(parsed))
@@ -163,7 +164,8 @@ class ContinuousBatchingHandler(BaseHandler):
                                                  f"{type(exc).__name__}: {str(exc)[:200]}",
                                                  status=500), context)
         self.framers[rid] = Framer(parsed.api, parsed.stream, parsed.include_usage, rid,
-                                   self.model_name)
+                                   self.model_name, parsed.params, parsed.echo,
+                                   parsed.echo_first_token)
         return None
 
     def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None] | None:

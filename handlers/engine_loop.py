@@ -32,6 +32,8 @@ class RequestStream:
     lease_until_s: float
     deadline_s: float = float("inf")                      # monotonic; past it: fail with 504
     pending: list[Any] = field(default_factory=list)      # RequestOutput deltas not yet sent
+    history: list[Any] = field(default_factory=list)      # every delta (whole replies)
+    choice_tokens: dict[int, int] = field(default_factory=dict)   # completion tokens by choice
     text: list[str] = field(default_factory=list)         # all text so far (non-streaming)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -211,10 +213,12 @@ class EngineLoop:
             stream.last_token_s = now
         stream.text.append(out.text)
         stream.token_ids.extend(out.token_ids)
+        stream.history.append(out)
         stream.prompt_tokens = out.prompt_tokens
-        stream.completion_tokens = out.completion_tokens
-        stream.finish_reason = out.finish_reason
-        stream.error = out.error
+        stream.choice_tokens[out.index] = out.completion_tokens
+        stream.completion_tokens = sum(stream.choice_tokens.values())   # usage: every choice
+        stream.finish_reason = out.finish_reason if out.finished else None
+        stream.error = out.error or stream.error       # n > 1: one choice's error stays
         if out.error:
             stream.status = 500
         if stream.orphaned:

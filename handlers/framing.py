@@ -4,11 +4,18 @@ Native streaming is NDJSON (one object per engine delta, the last one carrying
 finish_reason and usage); the OpenAI routes stream ``data: {...}`` server-sent events ending
 with ``data: [DONE]``. Non-streaming requests get one JSON object. This file never decides
 when to send; it only renders.
+
+A request with ``n`` > 1 renders each choice by its ``index``: OpenAI chunks carry it in
+``choices[0].index`` and end each choice with its own finish chunk; native lines carry
+``index`` and the choice's ``finish_reason``; whole replies list every choice. Logprobs are
+rendered by handlers/logprobs_json.py in each API's shape; an echoed prompt (completions)
+comes first in each choice's text and logprobs.
 """
 import json
 import time
 from typing import Any
 
+from handlers import logprobs_json
 from handlers.protocol import RequestError
 
 OPENAI_FINISH = {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}
@@ -29,13 +36,21 @@ class Framer:
     """Renders one request's responses; ``api`` is generate, completions or chat."""
 
     def __init__(self, api: str, stream: bool, include_usage: bool, request_id: str,
-                 model_name: str) -> None:
+                 model_name: str, params: Any = None, echo: str | None = None,
+                 echo_first_token: str = "") -> None:
         self.api, self.stream, self.include_usage = api, stream, include_usage
         self.model_name = model_name
         self.created = int(time.time())
         prefix = "chatcmpl" if api == "chat" else "cmpl"
         self.id = f"{prefix}-{request_id}"
-        self._role_sent = False
+        self.n = params.n if params is not None else 1
+        self.logprobs = params is not None and params.logprobs is not None
+        self.prompt_logprobs = params is not None and params.prompt_logprobs is not None
+        self.echo, self.echo_first_token = echo, echo_first_token
+        self._started: set[int] = set()        # choices whose first chunk went out
+        self._ended: set[int] = set()          # choices whose finish chunk went out
+        self._offsets: dict[int, logprobs_json.CompletionLogprobs] = {}
+        self._prompt: list[Any] | None = None  # prompt logprobs, once they arrived
 
     @property
     def content_type(self) -> str:
@@ -47,13 +62,27 @@ class Framer:
         """The bytes for the deltas in ``outputs``; closes the stream when it finished."""
         if self.api == "generate":
             return self._ndjson(outputs, stream)
-        parts = [self._sse(self._openai_delta(out.text, None)) for out in outputs
-                 if out.text or out.token_ids]
+        parts, ended = [], {}
+        for out in outputs:
+            if out.prompt_logprobs is not None:
+                self._prompt = out.prompt_logprobs
+            if out.text or out.token_ids or (self.echo is not None
+                                             and out.index not in self._started):
+                parts.append(self._sse(self._openai_delta(out.index, out.text, None,
+                                                          out.logprobs or [])))
+            if out.finish_reason is not None:
+                ended[out.index] = out.finish_reason
         if stream.finished:
             if stream.error:
                 parts.append(self._sse({"error": {"message": stream.error, "type": "server_error",
                                                   "param": None, "code": 500}}))
-            parts.append(self._sse(self._openai_delta("", OPENAI_FINISH[stream.finish_reason])))
+            for i in range(self.n):
+                if i not in self._ended:
+                    ended.setdefault(i, stream.finish_reason)
+        for i, reason in ended.items():
+            parts.append(self._sse(self._openai_delta(i, "", OPENAI_FINISH[reason], [])))
+            self._ended.add(i)
+        if stream.finished:
             if self.include_usage:
                 parts.append(self._sse(self._openai_head("chunk") | {"choices": [],
                                                                      "usage": usage(stream)}))
@@ -62,32 +91,87 @@ class Framer:
 
     def whole(self, stream: Any) -> str:
         """The single JSON object of a non-streaming request."""
-        text = "".join(stream.text)
+        choices = self._gather(stream)
         if self.api == "generate":
-            body = {"text": text, "token_ids": stream.token_ids,
-                    "finish_reason": stream.finish_reason, "usage": usage(stream)}
+            body: dict[str, Any] = {"usage": usage(stream)}
+            if self.n == 1:
+                body = {"text": "".join(stream.text), "token_ids": stream.token_ids,
+                        "finish_reason": stream.finish_reason} | body
+                if self.logprobs:
+                    body["logprobs"] = logprobs_json.native(choices[0]["logprobs"])
+            else:
+                body = {"outputs": [self._native_choice(i, c) for i, c in choices.items()],
+                        "finish_reason": stream.finish_reason} | body
+            if self.prompt_logprobs and self._prompt is not None:
+                body["prompt_logprobs"] = logprobs_json.native(self._prompt)
             if stream.error:
                 body["error"] = stream.error
             return json.dumps(body)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": OPENAI_FINISH[stream.finish_reason],
-                                  "logprobs": None}
-        if self.api == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return json.dumps(self._openai_head("whole") | {"choices": [choice],
+        rendered = []
+        for i, c in choices.items():
+            reason = OPENAI_FINISH[c["finish_reason"] or stream.finish_reason]
+            choice: dict[str, Any] = {"index": i, "finish_reason": reason,
+                                      "logprobs": self._openai_logprobs(i, c["logprobs"])}
+            if self.api == "chat":
+                choice["message"] = {"role": "assistant", "content": c["text"]}
+            else:
+                choice["text"] = (self.echo or "") + c["text"]
+            rendered.append(choice)
+        return json.dumps(self._openai_head("whole") | {"choices": rendered,
                                                          "usage": usage(stream)})
+
+    def _gather(self, stream: Any) -> dict[int, dict[str, Any]]:
+        """Each choice's whole text, ids, logprobs and finish reason from the stream's deltas."""
+        choices = {i: {"text": "", "token_ids": [], "logprobs": [], "finish_reason": None}
+                   for i in range(self.n)}
+        for out in stream.history:
+            if out.prompt_logprobs is not None:
+                self._prompt = out.prompt_logprobs
+            c = choices[out.index]
+            c["text"] += out.text
+            c["token_ids"] += list(out.token_ids)
+            c["logprobs"] += out.logprobs or []
+            c["finish_reason"] = out.finish_reason or c["finish_reason"]
+        return choices
+
+    def _native_choice(self, index: int, c: dict[str, Any]) -> dict[str, Any]:
+        body = {"index": index, "text": c["text"], "token_ids": c["token_ids"],
+                "finish_reason": c["finish_reason"]}
+        if self.logprobs:
+            body["logprobs"] = logprobs_json.native(c["logprobs"])
+        return body
+
+    def _openai_logprobs(self, index: int, positions: list[Any]) -> dict[str, Any] | None:
+        """The choice's next logprobs, the echoed prompt's first (completions)."""
+        if not self.logprobs:
+            return None
+        if self.api == "chat":
+            return logprobs_json.chat(positions)
+        first = index not in self._offsets
+        offsets = self._offsets.setdefault(index, logprobs_json.CompletionLogprobs())
+        if first and self.echo is not None:
+            return offsets.render((self._prompt or []) + positions, self.echo_first_token)
+        return offsets.render(positions)
 
     def _ndjson(self, outputs: list[Any], stream: Any) -> str:
         lines = []
         for i, out in enumerate(outputs):
             line: dict[str, Any] = {"text": out.text, "token_ids": list(out.token_ids)}
+            if self.n > 1:
+                line["index"] = out.index
+                if out.finish_reason is not None:
+                    line["finish_reason"] = out.finish_reason
+            if self.logprobs and out.logprobs is not None:
+                line["logprobs"] = logprobs_json.native(out.logprobs)
+            if self.prompt_logprobs and out.prompt_logprobs is not None:
+                line["prompt_logprobs"] = logprobs_json.native(out.prompt_logprobs)
             if i == len(outputs) - 1 and stream.finished:
                 line["finish_reason"] = stream.finish_reason
                 line["usage"] = usage(stream)
                 if stream.error:
                     line["error"] = stream.error
-            elif not (out.text or out.token_ids):
+            elif not (out.text or out.token_ids or "finish_reason" in line
+                      or "prompt_logprobs" in line):
                 continue
             lines.append(json.dumps(line) + "\n")
         return "".join(lines)
@@ -99,16 +183,20 @@ class Framer:
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name}
 
-    def _openai_delta(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    def _openai_delta(self, index: int, text: str, finish_reason: str | None,
+                      positions: list[Any]) -> dict[str, Any]:
+        first = index not in self._started
+        self._started.add(index)
+        logprobs = self._openai_logprobs(index, positions) if finish_reason is None else None
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
+                                  "logprobs": logprobs}
         if self.api == "chat":
             delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
-            if not self._role_sent:
+            if first:
                 delta["role"] = "assistant"
-                self._role_sent = True
             choice["delta"] = delta
         else:
-            choice["text"] = text
+            choice["text"] = (self.echo or "") + text if first else text
         return self._openai_head("chunk") | {"choices": [choice]}
 
     @staticmethod

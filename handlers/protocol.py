@@ -14,14 +14,17 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       ValidationError)
 
 from engine import SamplingParams
+from engine.logprobs import MAX_LOGPROBS
 
 Api = Literal["generate", "completions", "chat", "models", "stats"]
 ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completions": "completions",
                           "v1/chat/completions": "chat", "v1/models": "models", "stats": "stats"}
 _TYPE_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
-OPENAI_IGNORED = ("model", "user", "n", "stream_options", "max_completion_tokens", "messages",
+OPENAI_IGNORED = ("model", "user", "stream_options", "max_completion_tokens", "messages",
                   "prompt", "stream")
-# OpenAI options we do not implement: refused (400) unless left at their no-op values.
+# OpenAI options we do not implement: refused (400) unless left at their no-op values. A route
+# that implements one declares it as a field of its body (so it never reaches this check):
+# completions take echo, logprobs, best_of; chat takes logprobs, top_logprobs.
 OPENAI_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "logit_bias", "suffix", "best_of",
                       "response_format", "tools", "tool_choice", "parallel_tool_calls")
 
@@ -42,6 +45,8 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     request_timeout_s: Any = None     # the request's own deadline; handlers/limits.py checks it
+    echo: str | None = None                 # completions with echo: the prompt's text
+    echo_first_token: str = ""              # its first token's text (logprobs has None there)
 
 
 class GenerateBody(BaseModel):
@@ -70,7 +75,10 @@ class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
     stream: StrictBool = False
-    n: int = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1)
+    best_of: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
     stream_options: dict[str, Any] | None = None
 
 
@@ -89,7 +97,9 @@ class ChatBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: StrictBool = False
-    n: int = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = None
     stream_options: dict[str, Any] | None = None
 
@@ -101,6 +111,12 @@ def field_error(exc: ValidationError) -> RequestError:
     parts = [str(p) for p in err.get("loc", ()) if not _TYPE_TAG.fullmatch(str(p))]
     loc = ".".join(parts)
     message = err.get("msg", "invalid value")
+    if not parts:       # a check across fields: its message starts with the field it blames
+        message = message.removeprefix("Value error, ")
+        named = re.match(r"(\w+)\b", message)
+        if named and named.group(1) in SamplingParams.model_fields:
+            parts, loc = [named.group(1)], named.group(1)
+            message = message[len(loc):].lstrip(": ")
     if parts[:1] == ["prompt"]:
         message = "must be a non-empty string or a list of integer token ids"
     if err.get("type") == "extra_forbidden":
@@ -154,9 +170,38 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
     return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
 
 
+def openai_choices(api: Api, parsed: BaseModel, extra: dict[str, Any]) -> None:
+    """Map the routes' n / best_of / logprobs / echo onto SamplingParams' fields in ``extra``."""
+    extra["n"] = parsed.n
+    if api == "chat":
+        if parsed.top_logprobs is not None and not parsed.logprobs:
+            raise RequestError("top_logprobs: needs logprobs: true", param="top_logprobs")
+        if parsed.logprobs:
+            extra["logprobs"] = parsed.top_logprobs or 0
+        return
+    if parsed.best_of is not None:
+        extra["best_of"] = parsed.best_of
+    extra["logprobs"] = parsed.logprobs
+    if parsed.echo:
+        extra["prompt_logprobs"] = parsed.logprobs
+    if extra.get("max_tokens") == 0:
+        if not parsed.echo:
+            raise RequestError("max_tokens: 0 only scores the prompt; it needs echo: true",
+                               param="max_tokens")
+        extra["prompt_logprobs"] = parsed.logprobs or 0
+
+
+def echo_texts(tokenizer: Any, prompt: str | list[int]) -> tuple[str, str]:
+    """The echoed prompt's text and the text of its first token."""
+    ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)
+    return text, tokenizer.decode(ids[:1], skip_special_tokens=False) if ids else ""
+
+
 def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
                   default_max_tokens: int = 16,
-                  max_tokens_limit: int | None = None) -> ParsedRequest:
+                  max_tokens_limit: int | None = None,
+                  max_choices: int | None = None) -> ParsedRequest:
     api = ROUTES.get(url_path.strip("/"))
     if api is None:
         raise RequestError(f"unknown route {url_path!r}; use /v1/completions, "
@@ -192,8 +237,18 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
         if value not in (None, False, {}, []) and not (key == "best_of" and value == 1):
             raise RequestError(f"{key}: not supported by this server", param=key)
     timeout_s = extra.pop("request_timeout_s", None)
+    if api != "generate":
+        openai_choices(api, parsed, extra)
     params = sampling_params(extra, default_max_tokens, max_tokens_limit)
+    if max_choices is not None and params.num_children > max_choices:
+        field = "best_of" if params.best_of else "n"
+        raise RequestError(f"{field}: must be <= {max_choices} on this server (max_num_seqs)",
+                           param=field)
+    if parsed.stream and params.num_children > params.n:
+        raise RequestError("best_of: must equal n when streaming (the best choices are known "
+                           "only at the end)", param="best_of")
     options = getattr(parsed, "stream_options", None) or {}
+    echo, first = echo_texts(tokenizer, prompt) if getattr(parsed, "echo", False) else (None, "")
     return ParsedRequest(api=api, prompt=prompt, params=params, stream=parsed.stream,
                          include_usage=bool(options.get("include_usage")),
-                         request_timeout_s=timeout_s)
+                         request_timeout_s=timeout_s, echo=echo, echo_first_token=first)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine import RequestOutput
 from handlers.framing import Framer
 from handlers.protocol import RequestError, parse_request
 from handlers.settings import HandlerSettings
@@ -61,9 +62,11 @@ def test_native_and_openai_bodies():
 
 
 @pytest.mark.parametrize("path, body, field", [
-    ("v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
-    ("v1/completions", {"prompt": "x", "echo": True}, "echo"),
-    ("v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("v1/completions", {"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+    ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True},
+     "echo"),
+    ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 3},
+     "best_of"),
     ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                              "response_format": {"type": "json_object"}}, "response_format"),
 ])
@@ -71,18 +74,20 @@ def test_unsupported_openai_options_are_refused_not_ignored(path, body, field):
     with pytest.raises(RequestError) as err:
         parse(body, path)
     assert err.value.status == 400 and err.value.param == field
-    no_op = {"logprobs": None, "echo": False, "best_of": 1, "response_format": None}[field]
+    no_op = {"top_logprobs": None, "echo": False, "best_of": 1, "response_format": None}[field]
     assert parse({**body, field: no_op}, path).params is not None
 
 
 def finished(text=("a", "b"), reason="length"):
+    history = [RequestOutput("r1", t, [i + 1]) for i, t in enumerate(text)]
+    history[-1].finish_reason = reason
     return SimpleNamespace(text=list(text), token_ids=[1, 2], finish_reason=reason, error=None,
-                           prompt_tokens=3, completion_tokens=2, finished=True)
+                           prompt_tokens=3, completion_tokens=2, finished=True, history=history)
 
 
 def test_ndjson_last_line_has_finish_and_usage():
     framer = Framer("generate", True, False, "r1", "llm")
-    outs = [SimpleNamespace(text="a", token_ids=[1]), SimpleNamespace(text="b", token_ids=[2])]
+    outs = finished().history
     lines = framer.chunk(outs, finished()).splitlines()
     assert [json.loads(x)["text"] for x in lines] == ["a", "b"]
     assert json.loads(lines[-1])["usage"]["total_tokens"] == 5
@@ -93,7 +98,7 @@ def test_ndjson_last_line_has_finish_and_usage():
 
 def test_sse_chunks_end_with_done():
     framer = Framer("chat", True, True, "r1", "llm")
-    body = framer.chunk([SimpleNamespace(text="hey", token_ids=[1])], finished(reason="abort"))
+    body = framer.chunk([RequestOutput("r1", "hey", [1], "abort")], finished(reason="abort"))
     events = [e for e in body.split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
