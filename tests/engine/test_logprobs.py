@@ -125,3 +125,25 @@ def test_deltas_carry_their_tokens_logprobs_and_prompt_logprobs_once(tiny_llama)
 def test_invalid_values_name_the_field(bad, field):
     with pytest.raises(ValidationError, match=field):
         SamplingParams(**bad)
+
+
+def test_smollm2_choices_and_prompt_match_transformers(smollm2_dir):
+    """The real checkpoint (30 layers, byte-level BPE with multi-byte tokens): sampled choices
+    of an n=2 request and its prompt logprobs, beside other requests, within 1e-4."""
+    llm = LLMEngine(smollm2_dir, num_blocks=64, max_num_seqs=8)
+    questions = ["What is the capital of France?", "Write ñandú and 東京 in a sentence.",
+                 "Count to five."]
+    prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True))
+        for q in questions]
+    params = [SamplingParams(temperature=0.7, seed=3, max_tokens=10, n=2, logprobs=5,
+                             prompt_logprobs=5),
+              SamplingParams(temperature=0, max_tokens=10, logprobs=1),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=10, repetition_penalty=1.2)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [(o.request_id, o.index) for o in outs] == [("generate-0", 0), ("generate-0", 1),
+                                                        ("generate-1", 0), ("generate-2", 0)]
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for out, prompt, p in zip(outs, [prompts[0]] + prompts, [params[0]] + params):
+        _check(hf, llm, prompt, out, p)
+    assert llm.allocator.num_free == llm.allocator.num_blocks
