@@ -140,8 +140,10 @@ class LLMEngine:
         """Fork the other choices of requests whose prompt completes this step."""
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             parent = seq.parent
-            if parent is None or parent.forked or seq.num_computed_tokens + num_new < seq.num_tokens:
+            if (parent is None or parent.forked
+                    or seq.num_computed_tokens + num_new < seq.num_tokens):
                 continue
+            assert seq.num_output_tokens == 0, "a request forks before its first token"
             parent.forked = True
             for index in range(1, parent.num_children):
                 params = parent.child_params(seq.params, index)
@@ -255,7 +257,8 @@ class LLMEngine:
         """
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"generate-{i}" for i in range(len(prompts))]
-        slots = [(rid, j) for rid, p in zip(ids, params_list) for j in range((p or SamplingParams()).n)]
+        slots = [(rid, j) for rid, p in zip(ids, params_list)
+                 for j in range((p or SamplingParams()).n)]
         results = {(rid, j): RequestOutput(rid, index=j) for rid, j in slots}
         pending = len(ids)
         for rid, prompt, p in zip(ids, prompts, params_list):

@@ -28,23 +28,26 @@ class PositionLogprobs:
     top: list[Logprob]    # most likely first; empty when N is 0
 
 
-def gather(logits: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[PositionLogprobs]:
-    """Row ``i`` of ``logits`` ``[rows, vocab]`` scores ``token_ids[i]`` and its ``top_n[i]`` best."""
+def gather(logits: torch.Tensor, token_ids: list[int],
+           top_n: list[int]) -> list[PositionLogprobs]:
+    """Row ``i`` of ``logits`` ``[rows, vocab]`` scores ``token_ids[i]`` and its ``top_n[i]``
+    most likely tokens."""
     if not token_ids:
         return []
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.tensor(token_ids, device=logits.device)
-    chosen = logprobs.gather(1, ids[:, None])[:, 0]
-    rank = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+    chosen = logprobs.gather(1, ids[:, None])
+    rank = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
     k = max(top_n)
-    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (chosen[:, None][:, :0],) * 2
-    chosen_l, rank_l = chosen.tolist(), rank.tolist()
-    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    return [PositionLogprobs(Logprob(t, lp, r),
-                             [Logprob(i, v, j + 1) for j, (i, v) in
-                              enumerate(zip(ids_row[:n], lps_row[:n]))])
-            for t, lp, r, ids_row, lps_row, n in zip(token_ids, chosen_l, rank_l, top_ids_l,
-                                                      top_lp_l, top_n)]
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    # one copy to the host: ids and ranks are exact in fp32 (below 2**24)
+    rows = torch.cat([chosen, rank.float(), top_lp, top_ids.float()], dim=1).tolist()
+    out = []
+    for t, n, row in zip(token_ids, top_n, rows):
+        top = [Logprob(int(i), v, j + 1)
+               for j, (v, i) in enumerate(zip(row[2:2 + n], row[2 + k:2 + k + n]))]
+        out.append(PositionLogprobs(Logprob(t, row[0], int(row[1])), top))
+    return out
 
 
 class TokenTexts:
