@@ -7,6 +7,8 @@ block copy makes choices read one another's K/V and diverge).
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import LLMEngine, SamplingParams
 
@@ -192,3 +194,57 @@ def test_a_waiting_request_counts_all_its_choices(tiny_llama):
         llm.step()
         assert len(llm.scheduler.running) <= 4
     _no_blocks_held(llm)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 3), st.integers(1, 8),
+                          st.integers(0, 6)), min_size=1, max_size=6))
+def test_random_requests_with_choices_preemption_and_aborts(small_pool, ops):
+    """Random greedy requests with 1-3 choices on a pool small enough to preempt, some aborted
+    after a few steps: reference counts always match the tables, the batch never exceeds
+    max_num_seqs, every finished greedy choice equals its request's single answer, and the
+    pool ends empty."""
+    llm, single = small_pool
+    abort_at = {}
+    for i, (length, n, max_tokens, abort_step) in enumerate(ops):
+        llm.add_request(f"q{i}", _prompt(length), SamplingParams(
+            temperature=0, n=n, max_tokens=max_tokens, ignore_eos=True))
+        if abort_step:
+            abort_at[f"q{i}"] = abort_step
+    deltas, step = [], 0
+    while llm.has_unfinished():
+        step += 1
+        for rid, at in abort_at.items():
+            if at == step:
+                llm.abort(rid)
+        deltas += llm.step()
+        a = llm.allocator
+        held = [b for t in a.tables.values() for b in t]
+        assert all(a.ref_counts[b] == held.count(b) for b in range(a.num_blocks))
+        assert len(llm.scheduler.running) <= llm.config.max_num_seqs
+    for i, (length, n, max_tokens, _) in enumerate(ops):
+        choices = _choices(deltas, f"q{i}")
+        ends = {d.index: d.finish_reason for d in deltas if d.request_id == f"q{i}"
+                and d.finish_reason}
+        assert len([d for d in deltas if d.request_id == f"q{i}" and d.finished]) == 1
+        want = single(length, max_tokens)
+        for index, reason in ends.items():
+            got = choices.get(index, [])
+            assert got == (want if reason == "length" else want[:len(got)])
+    _no_blocks_held(llm)
+
+
+@pytest.fixture(scope="module")
+def small_pool(tiny_llama):
+    """An engine with an 80-token pool (preemptions are common), and memoized single answers."""
+    llm = LLMEngine(tiny_llama, num_blocks=10, block_size=8, max_num_seqs=4,
+                    max_num_batched_tokens=32)
+    answers: dict[tuple[int, int], list[int]] = {}
+
+    def single(length: int, max_tokens: int) -> list[int]:
+        if (length, max_tokens) not in answers:
+            answers[length, max_tokens] = llm.generate(
+                [_prompt(length)], SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                  ignore_eos=True), use_tqdm=False)[0].token_ids
+        return answers[length, max_tokens]
+    return llm, single
