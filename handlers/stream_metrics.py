@@ -65,9 +65,9 @@ class StreamMetrics:
 
     def finished(self, stream: Any, now_s: float) -> None:
         self._put(E2E, now_s - stream.arrival_s)
-        if stream.first_token_s is not None and stream.completion_tokens > 1:
-            gap = (stream.last_token_s - stream.first_token_s) / (stream.completion_tokens - 1)
-            self._put(ITL, gap)
+        tokens = max(stream.choice_tokens.values(), default=0)   # n > 1: choices run abreast
+        if stream.first_token_s is not None and tokens > 1:
+            self._put(ITL, (stream.last_token_s - stream.first_token_s) / (tokens - 1))
 
     def engine(self, stats: Any) -> None:
         """Sample the engine's gauges and turn its cumulative totals into counter increments."""
