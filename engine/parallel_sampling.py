@@ -10,11 +10,14 @@ sample their first token from the prompt's last logits in the same step.
 With ``best_of`` > ``n`` every choice runs to its end and only the ``n`` with the highest
 cumulative logprob are reported, best first, once all have finished.
 """
+from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 
 class ParentRequest:
-    def __init__(self, params) -> None:
+    """The choices of one request and how many have finished; the engine drives them."""
+
+    def __init__(self, params: SamplingParams) -> None:
         self.n = params.n
         self.num_children = params.num_children
         self.ranks = self.num_children > self.n       # best_of: report only the n best
@@ -22,10 +25,11 @@ class ParentRequest:
         self.forked = False
         self.num_finished = 0
 
-    def child_params(self, params, index: int):
-        """Choice ``index``'s SamplingParams: its derived seed, one answer."""
+    def child_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        """Choice ``index``'s SamplingParams: its derived seed; prompt logprobs are the
+        request's, computed by choice 0 alone."""
         seed = None if params.seed is None else params.seed + index
-        return params.model_copy(update={"seed": seed})
+        return params.model_copy(update={"seed": seed, "prompt_logprobs": None})
 
     @property
     def choices_running(self) -> int:

@@ -70,7 +70,8 @@ def test_seeded_choices_equal_separate_requests_in_a_busy_batch(tiny_llama, num_
     others = {f"other{i}": (_prompt(n, seed=i), SamplingParams(temperature=0, max_tokens=30,
                                                                ignore_eos=True))
               for i, n in enumerate([9, 40, 70])}
-    requests = {"partial": (_prompt(37), SamplingParams(seed=7, n=4, **sampled)),
+    requests = {"partial": (_prompt(37), SamplingParams(seed=7, n=4, prompt_logprobs=1,
+                                                        **sampled)),
                 "full": (_prompt(32), SamplingParams(seed=70, n=3, **sampled)), **others}
     deltas, _ = _run(llm, requests)
     preempted = llm.stats().num_preemptions
@@ -84,6 +85,8 @@ def test_seeded_choices_equal_separate_requests_in_a_busy_batch(tiny_llama, num_
             want = llm.generate([prompt], alone, use_tqdm=False)[0].token_ids
             assert tokens == want, f"{rid} choice {i} differs from a request seeded {alone.seed}"
     assert len({tuple(t) for t in _choices(deltas, "partial").values()}) == 4, "choices differ"
+    scored = [d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None]
+    assert len(scored) == 1 and len(scored[0]) == 37, "prompt logprobs come once per request"
     _no_blocks_held(llm)
 
 
