@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from scripts.workload import Request, make_workload
+from bench.workload import Request, make_workload
 
 READ_TIMEOUT_S = 900
 

@@ -11,13 +11,13 @@ tokens / (batch size * (longest prompt + longest output)), the padded batch's re
 It also runs the in-process engine on the headline workload (served / in-process throughput),
 prints the seed document's table beside ours, and writes ``results.json`` and PNG plots.
 
-    python scripts/bench_serve.py --num-requests 128 --scale 0.25 --rates 0.5,1,2,4,8,inf \\
+    python bench/serve.py --num-requests 128 --scale 0.25 --rates 0.5,1,2,4,8,inf \\
         --sweep-requests 16 --threads 1 --out-dir bench_results/serve
 """
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -31,12 +31,11 @@ import numpy as np
 import yaml
 from transformers import AutoConfig
 
-from scripts.bench_metrics import SystemResult, print_table
+from bench.client import RequestRecord, StatsSampler, cpu_seconds, drive, warm_up
+from bench.metrics import SystemResult, machine, print_table
+from bench.serve_report import check_targets, compare, headline_rows, plot_all, print_seed_table
+from bench.workload import Request, make_workload
 from scripts.serve import Server, free_ports, read_keys, start_server, stop_server
-from scripts.serve_client import RequestRecord, StatsSampler, cpu_seconds, drive, warm_up
-from scripts.serve_report import (check_targets, compare, headline_rows, machine, plot_all,
-                                  print_seed_table)
-from scripts.workload import Request, make_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("llm", "llm_static")
@@ -138,7 +137,7 @@ def run_in_process(model_path: Path, workload: list[Request], threads: int | Non
 
     from engine import LLMEngine
     from handlers.settings import ENGINE_KEYS
-    from scripts.bench_offline import run_ours
+    from bench.offline import run_ours
     section = yaml.safe_load((ROOT / "config" / "llm.model-config.yaml").read_text())["handler"]
     caller = torch.get_num_threads()
     torch.set_num_threads(threads or caller)

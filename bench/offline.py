@@ -10,13 +10,13 @@ It prints throughput, latency and KV-cache numbers, the ratios, and whether the 
 agree; ``--json`` writes all of it. It only wraps ``forward``/``logits`` of its own engine's
 model, never engine code paths.
 
-    python scripts/bench_offline.py --num-requests 64 --scale 0.5 --threads 1 \\
+    python bench/offline.py --num-requests 64 --scale 0.5 --threads 1 \\
         --json bench_results/offline.json
 """
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from bench.hf_baselines import load_hf, run_hf_cb, run_hf_static
+from bench.metrics import SystemResult, agreement, peak_rss_gib, print_table
+from bench.workload import Request, make_workload
 from engine import LLMEngine, SamplingParams
-from scripts.bench_metrics import SystemResult, agreement, peak_rss_gib, print_table
-from scripts.hf_baselines import load_hf, run_hf_cb, run_hf_static
 from scripts.make_default_model import make_model
-from scripts.workload import Request, make_workload
 
 SYSTEMS = ("ours", "hf_cb", "hf_static", "ceiling")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default-llama"

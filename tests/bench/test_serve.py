@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench_serve import main, static_batches, static_kv_fill  # noqa: E402
-from scripts.serve_client import RequestRecord  # noqa: E402
-from scripts.workload import Request  # noqa: E402
+from bench.client import RequestRecord  # noqa: E402
+from bench.serve import main, static_batches, static_kv_fill  # noqa: E402
+from bench.workload import Request  # noqa: E402
 
 
 def _req(i: int, prompt_len: int, output_len: int, arrival_s: float = 0.0) -> Request:
