@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from engine.models.attention import AttentionMetadata, PagedAttention
 from engine.models.rope import RotaryEmbedding
 
@@ -35,6 +36,13 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
 
 
+class Linear(torch.nn.Linear):
+    """``nn.Linear`` through ``kernels.linear``: small CPU decode steps use the compiled GEMV."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(torch.nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -52,8 +60,8 @@ class SelfAttention(torch.nn.Module):
         super().__init__()
         h, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = h * d, kvh * d
-        self.qkv_proj = torch.nn.Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.qkv_bias)
-        self.o_proj = torch.nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        self.qkv_proj = Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.qkv_bias)
+        self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.rope = rope
@@ -75,9 +83,9 @@ class SelfAttention(torch.nn.Module):
 class MLP(torch.nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
-        self.gate_up_proj = torch.nn.Linear(spec.hidden_size, 2 * spec.intermediate_size,
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size,
                                             bias=spec.mlp_bias)
-        self.down_proj = torch.nn.Linear(spec.intermediate_size, spec.hidden_size,
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size,
                                          bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,7 @@ class CausalLM(torch.nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec, max_positions)
-        self.lm_head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
