@@ -25,8 +25,8 @@ _state: dict[str, bool] = {}
 
 
 def cache_dir() -> Path:
-    """Where this source, torch and CPU combination is built (``TSLLM_CACHE`` moves the root)."""
-    root = Path(os.environ.get("TSLLM_CACHE", Path.home() / ".cache" / "torchserve-llm"))
+    """Where this source, torch and CPU combination is built (``TORCHSERVE_LLM_CACHE`` moves the root)."""
+    root = Path(os.environ.get("TORCHSERVE_LLM_CACHE", Path.home() / ".cache" / "torchserve-llm"))
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((_SRC / name).read_bytes())

@@ -41,7 +41,7 @@ def test_static_batches_fall_back_to_arrival_groups() -> None:
 
 def test_bench_serve_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    report = main(["--size", "tiny", "--model-store", str(tmp_path / "archives"),
+    report = main(["--model", "tiny", "--model-store", str(tmp_path / "archives"),
                    "--run-dir", str(tmp_path / "server"), "--num-requests", "10",
                    "--sweep-requests", "5", "--rates", "20,inf", "--scale", "0.1",
                    "--stats-interval", "0.05", "--out-dir", str(out)])

@@ -114,7 +114,7 @@ def test_auto_on_cpu_dispatches_to_the_compiled_kernels(monkeypatch) -> None:
 
 def test_build_is_cached_and_failure_falls_back(monkeypatch, tmp_path, caplog) -> None:
     assert (cpu_build.cache_dir() / "tsllm_cpu.so").exists()
-    monkeypatch.setenv("TSLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHSERVE_LLM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.WARNING, logger="kernels"):
         assert cpu_build._build() is False
