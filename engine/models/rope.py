@@ -36,11 +36,15 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows ``[tokens, 1, dim]`` of a step's positions, looked up once a step."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, rot: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q ``[tokens, heads, dim]``, k ``[tokens, kv_heads, dim]``; rotate-half convention."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        """q ``[tokens, heads, dim]``, k ``[tokens, kv_heads, dim]``, ``rot`` from ``table``;
+        rotate-half convention."""
+        cos, sin = rot
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
