@@ -1,16 +1,17 @@
-"""Linear layers of small CPU batches through the compiled streaming kernel (``cpu/linear.cpp``).
+"""Linear layers of decode-sized CPU batches through the compiled kernel (``cpu/linear.cpp``).
 
-With a handful of rows a linear layer only has to read its weight once; torch's GEMM reaches
-about two thirds of the memory bandwidth there, the streaming kernel nearly all of it. Above
-``MAX_ROWS`` rows (prefill, large decode batches) the layer is compute-bound and torch's GEMM
-is faster, so it keeps those, as it keeps every non-fp32 or non-contiguous case.
+With a handful of rows a linear layer only has to read its weight once: torch's GEMM (MKL)
+reaches about two thirds of the memory bandwidth there, the streaming kernel all of it
+(SmolLM2's layer matrices, one thread: 1 row 0.79x MKL's time, 8 rows 0.65x, 16 rows 0.76x,
+32 rows 0.90x, 64 rows 0.97x). Above ``MAX_ROWS`` rows (prefill chunks) torch's GEMM keeps
+the layer, as it keeps every non-fp32 or non-contiguous case.
 """
 import torch
 import torch.nn.functional as F
 
 __all__ = ["MAX_ROWS", "linear_cpu"]
 
-MAX_ROWS = 16
+MAX_ROWS = 64
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
