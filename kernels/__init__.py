@@ -5,7 +5,8 @@ The backend is ``auto`` (Triton for CUDA tensors when triton is installed; for C
 compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch reference), ``triton``
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
 ``linear`` is the model's linear layer: the compiled streaming kernel for a few CPU rows under
-``auto``, ``torch.nn.functional.linear`` otherwise.
+``auto``, ``torch.nn.functional.linear`` otherwise; ``rms_norm`` and ``rotary`` are compiled
+CPU versions of those layers, called by the model where ``compiled_cpu`` says so.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from kernels import cpu_build
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "get_backend", "linear", "paged_attention", "set_backend", "store_kv"]
+__all__ = ["BACKENDS", "compiled_cpu", "get_backend", "linear", "paged_attention", "rms_norm",
+           "rotary", "set_backend", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
@@ -76,6 +78,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if _use_cpu(x):
         return _cpu_fns[1](x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def compiled_cpu(t: torch.Tensor) -> bool:
+    """True where the model's fp32 CPU layers may call ``rms_norm`` and ``rotary``."""
+    return t.dtype == torch.float32 and _use_cpu(t)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``)."""
+    return torch.ops.tsllm_cpu.rms_norm(x, weight, eps)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled rotate-half rotary embedding of a step's queries and keys; contiguous results."""
+    return torch.ops.tsllm_cpu.rotary(q, k, cos, sin)
 
 
 def _use_cpu(t: torch.Tensor) -> bool:

@@ -1,7 +1,7 @@
 """Builds the compiled CPU kernels (``kernels/cpu/*.cpp``) at first use and loads them.
 
 The sources are compiled by the machine's C++ compiler through ``torch.utils.cpp_extension``
-(ninja) with ``-O3 -march=native``, into a cache directory keyed by the sources, the torch
+(ninja) with ``-O3 -march=native`` (no implicit FMA contraction), into a cache directory keyed by the sources, the torch
 version and the CPU, so a fresh clone builds once (about a minute) and later processes load
 the cached library in milliseconds. ``load`` never raises: without a compiler or ninja it logs
 a warning once and returns False, and the callers keep the PyTorch reference.
@@ -16,9 +16,9 @@ import torch
 
 __all__ = ["cache_dir", "load"]
 
-SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp")
+SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "norm_rope.cpp")
 HEADERS = ("vec.h", "paged_decode.h")
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")     # FMAs only where written
 _SRC = Path(__file__).resolve().parent / "cpu"
 _log = logging.getLogger("kernels")
 _state: dict[str, bool] = {}

@@ -119,3 +119,23 @@ def test_build_is_cached_and_failure_falls_back(monkeypatch, tmp_path, caplog) -
     with caplog.at_level(logging.WARNING, logger="kernels"):
         assert cpu_build._build() is False
     assert any("using the PyTorch reference" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_rms_norm_matches_the_decoder_formula(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=gen) * 3, torch.randn(576, generator=gen)
+    expected = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_rotary_is_bit_identical_to_rotate_half() -> None:
+    from engine.models.rope import RotaryEmbedding, _rotate
+    rope = RotaryEmbedding(64, 512, 10000.0, None)
+    positions = torch.tensor([0, 5, 511, 77])
+    qkv = torch.randn(4, (9 + 2 * 3) * 64)             # q and k as views of a fused buffer
+    q, k = qkv[:, :576].view(4, 9, 64), qkv[:, 576:768].view(4, 3, 64)
+    cos, sin = rope.table(positions)
+    got_q, got_k = kernels.rotary(q, k, cos, sin)
+    assert got_q.is_contiguous() and got_k.is_contiguous()
+    assert torch.equal(got_q, _rotate(q, cos, sin)) and torch.equal(got_k, _rotate(k, cos, sin))
