@@ -8,6 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
                                     "handlers", "handlers.*"]),
+    package_data={"kernels": ["cpu/*.cpp", "cpu/*.h"]},     # compiled at first use on CPU
     install_requires=[
         "torch>=2.5,<2.14",
         "transformers>=4.56,<6",
@@ -17,13 +18,14 @@ setup(
         "pydantic>=2.6,<3",
         "tqdm>=4.66",
         "psutil>=5.9",
+        "ninja>=1.11",          # torch.utils.cpp_extension builds the CPU kernels with it
     ],
     extras_require={
         "triton": ["triton>=3.1"],
         "serve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "requests>=2.31",
                   "gguf>=0.17", "accelerate>=1.0"],
         "gguf": ["gguf>=0.17", "accelerate>=1.0"],      # scripts/import_gguf.py
-        "bench": ["matplotlib>=3.8", "requests>=2.31"],
+        "bench": ["matplotlib>=3.8", "requests>=2.31", "gguf>=0.17"],   # gguf: bench/llama_cpp.py
         "dev": ["triton>=3.1", "torchserve==0.12.0", "torch-model-archiver==0.12.0",
                 "requests>=2.31", "gguf>=0.17", "accelerate>=1.0", "matplotlib>=3.8", "pytest>=8",
                 "hypothesis>=6.100", "openai>=1.40"],

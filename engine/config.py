@@ -24,6 +24,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enable_prefix_caching: bool = True       # share KV blocks of identical prompt prefixes
     seed: int = 0
+    num_threads: int | None = None           # torch intra-op threads, set at engine start
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -43,6 +44,8 @@ class EngineConfig:
              f"({self.max_num_seqs}) so every running sequence can decode in one step")
         need(self.max_model_len is None or self.max_model_len > 0,
              f"max_model_len must be positive, got {self.max_model_len}")
+        need(self.num_threads is None or self.num_threads > 0,
+             f"num_threads must be positive, got {self.num_threads}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.attention_backend in BACKENDS,
              f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")

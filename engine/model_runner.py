@@ -35,6 +35,8 @@ class ModelRunner:
         self.dtype = getattr(torch, config.dtype)
         if config.attention_backend != "auto":      # "auto" leaves KERNELS_BACKEND in force
             kernels.set_backend(config.attention_backend)
+        if config.num_threads is not None:          # process-wide: threads started later follow
+            torch.set_num_threads(config.num_threads)
         self.model: CausalLM = load_model(model_path, self.dtype, config.device, max_model_len)
         self.sampler = Sampler(eos_token_ids)
         self.num_blocks = self._size_pool()

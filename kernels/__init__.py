@@ -1,8 +1,12 @@
 """Attention kernels for the paged KV cache: one dispatch point for Triton and the reference.
 
 ``store_kv`` and ``paged_attention`` keep the signatures documented in ``kernels/reference.py``.
-The backend is ``auto`` (Triton for CUDA tensors when triton is installed, the PyTorch reference
-otherwise), ``triton`` or ``reference``; it comes from ``KERNELS_BACKEND`` or ``set_backend``.
+The backend is ``auto`` (Triton for CUDA tensors when triton is installed; for CPU tensors the
+compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch reference), ``triton``
+or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
+``linear`` is the model's linear layer: the compiled streaming kernel for a few CPU rows under
+``auto``, ``torch.nn.functional.linear`` otherwise; ``rms_norm`` and ``rotary`` are compiled
+CPU versions of those layers, called by the model where ``compiled_cpu`` says so.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -11,16 +15,20 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
+from kernels import cpu_build
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "get_backend", "paged_attention", "set_backend", "store_kv"]
+__all__ = ["BACKENDS", "compiled_cpu", "get_backend", "linear", "paged_attention", "rms_norm",
+           "rotary", "set_backend", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
 _has_triton = importlib.util.find_spec("triton") is not None
 _backend = "auto"
 _triton_fns = None      # (store_kv_triton, paged_attention_triton) once imported
+_cpu_fns = None     # (paged_attention_cpu, linear_cpu, store_kv_cpu) once built; () if not
 _logged: set[bool] = set()      # choices (use triton or not) already logged since set_backend
 
 
@@ -45,6 +53,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     """Write each token's K/V into its cache slot; slots of -1 are skipped."""
     if _use_triton(key):
         _triton_fns[0](key, value, k_cache, v_cache, slot_mapping)
+    elif _use_cpu(key):
+        _cpu_fns[2](key, value, k_cache, v_cache, slot_mapping)
     else:
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
 
@@ -56,8 +66,49 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if _use_triton(query):
         return _triton_fns[1](query, k_cache, v_cache, block_tables, seq_lens,
                               query_start_loc, scale)
+    if _use_cpu(query):
+        return _cpu_fns[0](query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                           scale)
     return paged_attention_reference(query, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_loc, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` of shape ``[tokens, in_features]``."""
+    if _use_cpu(x):
+        return _cpu_fns[1](x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def compiled_cpu(t: torch.Tensor) -> bool:
+    """True where the model's fp32 CPU layers may call ``rms_norm`` and ``rotary``."""
+    return t.dtype == torch.float32 and _use_cpu(t)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``)."""
+    return torch.ops.tsllm_cpu.rms_norm(x, weight, eps)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled rotate-half rotary embedding of a step's queries and keys; contiguous results."""
+    return torch.ops.tsllm_cpu.rotary(q, k, cos, sin)
+
+
+def _use_cpu(t: torch.Tensor) -> bool:
+    """The compiled CPU kernels (built at first use; a warning and False if they cannot be)."""
+    global _cpu_fns
+    if _backend != "auto" or t.device.type != "cpu":
+        return False
+    if _cpu_fns is None:
+        _cpu_fns = ()
+        if cpu_build.load():
+            from kernels.cpu_attention import paged_attention_cpu, store_kv_cpu
+            from kernels.cpu_linear import linear_cpu
+            _cpu_fns = (paged_attention_cpu, linear_cpu, store_kv_cpu)
+            _log.info("kernels backend: compiled CPU kernels (requested auto, device cpu)")
+    return bool(_cpu_fns)
 
 
 def _use_triton(t: torch.Tensor) -> bool:

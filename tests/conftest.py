@@ -44,3 +44,11 @@ def smollm2_dir() -> Path:
     sys.path.insert(0, str(ROOT))
     from scripts.make_smollm2 import make_smollm2
     return make_smollm2(ROOT / "models" / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels() -> bool:
+    """Builds (first run on a machine, about a minute) or loads the compiled CPU kernels once,
+    before a test's subprocess or TorchServe worker would build them under its own timeout."""
+    from kernels import cpu_build
+    return cpu_build.load()

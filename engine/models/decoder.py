@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from engine.models.attention import AttentionMetadata, PagedAttention
 from engine.models.rope import RotaryEmbedding
 
@@ -35,6 +36,13 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
 
 
+class Linear(torch.nn.Linear):
+    """``nn.Linear`` through ``kernels.linear``: small CPU decode steps use the compiled GEMV."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(torch.nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -42,6 +50,8 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous() and kernels.compiled_cpu(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -52,14 +62,14 @@ class SelfAttention(torch.nn.Module):
         super().__init__()
         h, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = h * d, kvh * d
-        self.qkv_proj = torch.nn.Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.qkv_bias)
-        self.o_proj = torch.nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        self.qkv_proj = Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.qkv_bias)
+        self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.rope = rope
         self.attn = PagedAttention(h, kvh, d)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         a = self.attn
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -68,16 +78,16 @@ class SelfAttention(torch.nn.Module):
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        q, k = self.rope(rot, q, k)
         return self.o_proj(a(q, k, v, meta).flatten(1))
 
 
 class MLP(torch.nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
-        self.gate_up_proj = torch.nn.Linear(spec.hidden_size, 2 * spec.intermediate_size,
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size,
                                             bias=spec.mlp_bias)
-        self.down_proj = torch.nn.Linear(spec.intermediate_size, spec.hidden_size,
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size,
                                          bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +103,9 @@ class DecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rot, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,6 +113,7 @@ class DecoderModel(torch.nn.Module):
     def __init__(self, spec: DecoderSpec, max_positions: int) -> None:
         super().__init__()
         rope = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
+        self.rope = rope
         self.embed_tokens = torch.nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = torch.nn.ModuleList(DecoderLayer(spec, rope)
                                           for _ in range(spec.num_layers))
@@ -111,8 +122,9 @@ class DecoderModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rot = self.rope.table(positions)
         for layer in self.layers:
-            x = layer(x, positions, meta)
+            x = layer(x, rot, meta)
         return self.norm(x)
 
 
@@ -123,7 +135,7 @@ class CausalLM(torch.nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec, max_positions)
-        self.lm_head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

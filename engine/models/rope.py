@@ -3,6 +3,8 @@ import math
 
 import torch
 
+import kernels
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Per-pair rotation frequencies; ``scaling`` is the checkpoint's ``rope_scaling`` dict."""
@@ -36,11 +38,17 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows ``[tokens, 1, dim]`` of a step's positions, looked up once a step."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, rot: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q ``[tokens, heads, dim]``, k ``[tokens, kv_heads, dim]``; rotate-half convention."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        """q ``[tokens, heads, dim]``, k ``[tokens, kv_heads, dim]``, ``rot`` from ``table``;
+        rotate-half convention."""
+        cos, sin = rot
+        if kernels.compiled_cpu(q):
+            return kernels.rotary(q, k, cos, sin)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -34,12 +34,18 @@ def spy(calls: list, name: str, fn):
     return wrapped
 
 
-@pytest.mark.parametrize("backend,expected", [("auto", "reference"), ("reference", "reference"),
+@pytest.mark.parametrize("backend,expected", [("auto", "cpu"), ("reference", "reference"),
                                               ("triton", "triton")])
 def test_backend_choice_on_cpu(monkeypatch, backend: str, expected: str) -> None:
     kernels.set_backend(backend)
     kernels._load_triton()
     calls: list[str] = []
+    if expected == "cpu" and not kernels._use_cpu(torch.empty(1)):
+        expected = "reference"      # no compiler here: auto keeps the reference
+    if kernels._cpu_fns:
+        attend, linear, store = kernels._cpu_fns
+        monkeypatch.setattr(kernels, "_cpu_fns", (spy(calls, "cpu", attend), linear,
+                                                  spy(calls, "cpu", store)))
     monkeypatch.setattr(kernels, "paged_attention_reference",
                         spy(calls, "reference", kernels.paged_attention_reference))
     monkeypatch.setattr(kernels, "store_kv_reference",

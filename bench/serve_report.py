@@ -1,14 +1,11 @@
 """Reporting for the serving benchmark: the seed's table beside ours, the targets, the plots.
 
-Owns how a finished benchmark report (the dict ``scripts/bench_serve.py`` writes as JSON) is
+Owns how a finished benchmark report (the dict ``bench/serve.py`` writes as JSON) is
 shown: the seed document's numbers next to ours with both ratios, which targets were met, and
 the PNG plots (latency CDFs of the headline run; throughput and p99 latency against request
 rate). It never sends a request or runs a model.
 """
 import math
-import os
-import platform
-import time
 from pathlib import Path
 
 import matplotlib
@@ -78,15 +75,6 @@ def check_targets(rows: dict[str, tuple[float, float]], ratios: dict[str, float]
         verdict = "met" if t["met"] else "MISSED"
         print(f"target {name:22} {t['value']:8.3f} ({t['goal']}): {verdict}")
     return out
-
-
-def machine() -> dict:
-    """CPU model, cores, load average and date, for the results page."""
-    cpu = next((line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return dict(cpu=cpu, cores=os.cpu_count(), load_avg=os.getloadavg(),
-                date=time.strftime("%Y-%m-%d %H:%M %Z"))
 
 
 def _cdf(ax: plt.Axes, values_ms: list[float], label: str) -> None:

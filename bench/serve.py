@@ -11,13 +11,13 @@ tokens / (batch size * (longest prompt + longest output)), the padded batch's re
 It also runs the in-process engine on the headline workload (served / in-process throughput),
 prints the seed document's table beside ours, and writes ``results.json`` and PNG plots.
 
-    python scripts/bench_serve.py --num-requests 128 --scale 0.25 --rates 0.5,1,2,4,8,inf \\
+    python bench/serve.py --num-requests 128 --scale 0.25 --rates 0.5,1,2,4,8,inf \\
         --sweep-requests 16 --threads 1 --out-dir bench_results/serve
 """
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -31,12 +31,12 @@ import numpy as np
 import yaml
 from transformers import AutoConfig
 
-from scripts.bench_metrics import SystemResult, print_table
+from bench.client import RequestRecord, StatsSampler, cpu_seconds, drive, warm_up
+from bench.metrics import SystemResult, machine, print_table
+from bench.models import add_model_arg, resolve
+from bench.serve_report import check_targets, compare, headline_rows, plot_all, print_seed_table
+from bench.workload import Request, make_workload
 from scripts.serve import Server, free_ports, read_keys, start_server, stop_server
-from scripts.serve_client import RequestRecord, StatsSampler, cpu_seconds, drive, warm_up
-from scripts.serve_report import (check_targets, compare, headline_rows, machine, plot_all,
-                                  print_seed_table)
-from scripts.workload import Request, make_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("llm", "llm_static")
@@ -138,7 +138,7 @@ def run_in_process(model_path: Path, workload: list[Request], threads: int | Non
 
     from engine import LLMEngine
     from handlers.settings import ENGINE_KEYS
-    from scripts.bench_offline import run_ours
+    from bench.offline import run_ours
     section = yaml.safe_load((ROOT / "config" / "llm.model-config.yaml").read_text())["handler"]
     caller = torch.get_num_threads()
     torch.set_num_threads(threads or caller)
@@ -152,8 +152,7 @@ def run_in_process(model_path: Path, workload: list[Request], threads: int | Non
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=["tiny", "default"], default="default")
-    p.add_argument("--model-path", type=Path, help="checkpoint (default models/<size>-llama)")
+    add_model_arg(p)
     p.add_argument("--url", help="use this running server (e.g. http://127.0.0.1:8080)")
     p.add_argument("--run-dir", type=Path, help="with --url: where its key_file.json is "
                    "(default logs/server); else the new server's run dir (default: logs/bench-*)")
@@ -173,18 +172,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def start_own(args: argparse.Namespace) -> Server:
-    """TorchServe with both models on free ports, token auth on, workers at ``--threads``."""
+def start_own(model_path: Path, threads: int | None, model_store: Path | None = None,
+              run_dir: Path | None = None, names: tuple[str, ...] = MODELS) -> Server:
+    """TorchServe with ``names`` on free ports, token auth on, workers at ``threads``."""
     from scripts.build_archives import build_all
-    store = args.model_store or ROOT / "archives"
-    build_all(args.size, out=store, llm_path=args.model_path, names=MODELS)
+    store = model_store or ROOT / "archives"
+    build_all(out=store, llm_path=model_path, names=names)
     (ROOT / "logs").mkdir(exist_ok=True)
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "logs"))
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "logs"))
     caller = os.environ.get("OMP_NUM_THREADS")
-    if args.threads:    # the workers inherit the frontend's environment
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if threads:    # the workers inherit the frontend's environment
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        return start_server(store, MODELS, run_dir, ports=free_ports(), token_auth=True)
+        return start_server(store, names, run_dir, ports=free_ports(), token_auth=True)
     finally:
         os.environ.pop("OMP_NUM_THREADS", None)
         if caller is not None:
@@ -194,14 +194,14 @@ def start_own(args: argparse.Namespace) -> Server:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
-    model_path = (args.model_path or ROOT / "models" / f"{args.size}-llama").resolve()
+    model_path = resolve(args.model)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # still stop our server
     if args.url:
         run_dir = args.run_dir or ROOT / "logs" / "server"
         server = Server(run_dir, {"inference": int(args.url.rsplit(":", 1)[1])}, 0,
                         read_keys(run_dir)[0], None)
     else:
-        server = start_own(args)
+        server = start_own(model_path, args.threads, args.model_store, args.run_dir)
     try:
         return _run(args, server, rates, model_path)
     finally:

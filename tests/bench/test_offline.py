@@ -3,8 +3,8 @@ workload's tokens, and the JSON holds every number. No timing is asserted."""
 import json
 from pathlib import Path
 
-from scripts.bench_offline import SYSTEMS, main
-from scripts.workload import make_workload
+from bench.offline import SYSTEMS, main
+from bench.workload import make_workload
 
 
 def test_workload_is_seeded_and_fits() -> None:

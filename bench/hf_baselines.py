@@ -13,8 +13,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from scripts.bench_metrics import SystemResult, peak_rss_gib
-from scripts.workload import Request
+from bench.metrics import SystemResult, peak_rss_gib
+from bench.workload import Request
 
 
 def load_hf(model_path) -> torch.nn.Module:

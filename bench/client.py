@@ -5,12 +5,14 @@ arrival time on its own thread, then either streams NDJSON from the continuous-b
 (one timestamp per token as its line arrives) or gets one whole JSON answer from the
 static-batching model (every token stamped when the answer arrives). A ``StatsSampler`` polls
 the engine's stats route during a run; ``cpu_seconds`` reads where the CPU time went. It
-computes no statistics and starts no server.
+computes no statistics and starts no server. ``drive_streams`` keeps a fixed number of
+streams busy instead (closed loop), with any sender, so peers with other protocols share it.
 """
 import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from scripts.workload import Request, make_workload
+from bench.workload import Request, make_workload
 
 READ_TIMEOUT_S = 900
 
@@ -98,6 +100,35 @@ def drive(url: str, headers: dict[str, str], workload: list[Request], stream: bo
         for future in as_completed(futures):
             future.result()
             bar.update(1)
+        wall_s = time.perf_counter() - start
+    return wall_s, records
+
+
+def drive_streams(send_one: Callable[[Request, float], RequestRecord], workload: list[Request],
+                  streams: int, desc: str = "") -> tuple[float, list[RequestRecord]]:
+    """Closed loop: ``streams`` clients, each sending the next request once its last is done.
+
+    ``send_one(request, start)`` sends one request and returns its record. Returns (wall
+    seconds, records in workload order).
+    """
+    records: list[RequestRecord | None] = [None] * len(workload)
+    queue = iter(range(len(workload)))
+    lock = threading.Lock()
+
+    def client(start: float, bar: tqdm) -> None:
+        while True:
+            with lock:
+                i = next(queue, None)
+            if i is None:
+                return
+            records[i] = send_one(workload[i], start)
+            bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=streams) as pool, \
+            tqdm(total=len(workload), desc=desc, unit="req", leave=False) as bar:
+        start = time.perf_counter()
+        for future in [pool.submit(client, start, bar) for _ in range(streams)]:
+            future.result()
         wall_s = time.perf_counter() - start
     return wall_s, records
 

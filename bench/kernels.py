@@ -7,7 +7,7 @@ causal prompt through the paged kernel against ``torch.nn.functional.scaled_dot_
 on contiguous K/V (GQA heads repeated beforehand, outside the timing). Times are CUDA events
 around ``--iters`` back-to-back launches, so small shapes include Python launch cost.
 
-    python scripts/bench_kernels.py --dtype bf16 --heads 32 --kv-heads 8 --head-dim 128
+    python bench/kernels.py --dtype bf16 --heads 32 --kv-heads 8 --head-dim 128
 """
 import sys
 from pathlib import Path

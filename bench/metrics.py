@@ -5,8 +5,12 @@ KV-cache samples, preemptions), the latency statistics derived from timestamps (
 excluding the first token, ITL, end-to-end; mean/p50/p99 in ms) and the printed table. It
 never runs a model: benchmarks fill a ``SystemResult`` and hand it here.
 """
+import os
+import platform
 import resource
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -94,3 +98,12 @@ def print_table(summaries: dict[str, dict], ratios: dict[str, float]) -> None:
             print(f"{name}: {s['note']}")
     for name, value in ratios.items():
         print(f"{name:28} {value:.2f}x")
+
+
+def machine() -> dict:
+    """CPU model, cores, load average and date, for the results page."""
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return dict(cpu=cpu, cores=os.cpu_count(), load_avg=os.getloadavg(),
+                date=time.strftime("%Y-%m-%d %H:%M %Z"))

@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench_serve import main, static_batches, static_kv_fill  # noqa: E402
-from scripts.serve_client import RequestRecord  # noqa: E402
-from scripts.workload import Request  # noqa: E402
+from bench.client import RequestRecord  # noqa: E402
+from bench.serve import main, static_batches, static_kv_fill  # noqa: E402
+from bench.workload import Request  # noqa: E402
 
 
 def _req(i: int, prompt_len: int, output_len: int, arrival_s: float = 0.0) -> Request:
@@ -41,7 +41,7 @@ def test_static_batches_fall_back_to_arrival_groups() -> None:
 
 def test_bench_serve_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    report = main(["--size", "tiny", "--model-store", str(tmp_path / "archives"),
+    report = main(["--model", "tiny", "--model-store", str(tmp_path / "archives"),
                    "--run-dir", str(tmp_path / "server"), "--num-requests", "10",
                    "--sweep-requests", "5", "--rates", "20,inf", "--scale", "0.1",
                    "--stats-interval", "0.05", "--out-dir", str(out)])

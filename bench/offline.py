@@ -10,13 +10,13 @@ It prints throughput, latency and KV-cache numbers, the ratios, and whether the 
 agree; ``--json`` writes all of it. It only wraps ``forward``/``logits`` of its own engine's
 model, never engine code paths.
 
-    python scripts/bench_offline.py --num-requests 64 --scale 0.5 --threads 1 \\
+    python bench/offline.py --num-requests 64 --scale 0.5 --threads 1 \\
         --json bench_results/offline.json
 """
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -30,14 +30,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from bench.hf_baselines import load_hf, run_hf_cb, run_hf_static
+from bench.metrics import SystemResult, agreement, peak_rss_gib, print_table
+from bench.models import add_model_arg, resolve
+from bench.workload import Request, make_workload
 from engine import LLMEngine, SamplingParams
-from scripts.bench_metrics import SystemResult, agreement, peak_rss_gib, print_table
-from scripts.hf_baselines import load_hf, run_hf_cb, run_hf_static
-from scripts.make_default_model import make_model
-from scripts.workload import Request, make_workload
 
 SYSTEMS = ("ours", "hf_cb", "hf_static", "ceiling")
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default-llama"
 
 
 @contextmanager
@@ -118,8 +117,7 @@ def run_ceiling(model: torch.nn.Module, steps: list[list], num_requests: int) ->
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path,
-                   help="checkpoint dir (default: models/default-llama, built on first use)")
+    add_model_arg(p)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiplies the mean prompt (128) and output (256) lengths")
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    model_path = args.model or make_model(DEFAULT_MODEL, size="default")
+    model_path = resolve(args.model)
     llm = LLMEngine(model_path, num_blocks=args.num_blocks, block_size=args.block_size,
                     max_num_seqs=args.max_num_seqs, dtype="float32", device="cpu",
                     max_num_batched_tokens=args.max_num_batched_tokens)

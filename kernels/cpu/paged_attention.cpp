@@ -1,0 +1,70 @@
+// Paged decode attention on CPU: every decode row of a step in one call, K/V read in place.
+//
+// Owns the `tsllm_cpu::paged_decode` op. For each sequence whose query length is 1 it walks the
+// block table and reads each cached K/V block where it lies (no gather copy), keeping an online
+// softmax per query head (paged_decode.h), so K and V are each read once per step. Rows of
+// longer queries (prefill chunks) are left untouched: the Python side attends them. Shapes and
+// conventions are those of kernels/reference.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "paged_decode.h"
+
+namespace {
+
+void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                  const at::Tensor& query_start_loc, double scale, at::Tensor& out) {
+    TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && query.stride(2) == 1 &&
+                out.stride(2) == 1, "paged_decode: query/out [tokens, heads, dim], dim contiguous");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+                "paged_decode: caches must be contiguous");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                query_start_loc.scalar_type() == at::kInt && block_tables.is_contiguous(),
+                "paged_decode: block_tables, seq_lens, query_start_loc must be int32");
+    TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() &&
+                out.scalar_type() == query.scalar_type(),
+                "paged_decode: query, caches and out must share a dtype");
+    const int64_t num_seqs = seq_lens.size(0), heads = query.size(1), dim = query.size(2);
+    const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+    TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(3) == dim, "paged_decode: head shapes");
+    const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
+    const int32_t* lens = seq_lens.data_ptr<int32_t>();
+    const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+    const int32_t* tables = block_tables.data_ptr<int32_t>();
+    auto run = [&](auto zero) {
+        using scalar_t = decltype(zero);
+        const scalar_t* q = query.data_ptr<scalar_t>();
+        const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+        const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+            std::vector<float> work(decode::scratch_size(heads, dim, block_size));
+            for (int64_t s = begin; s < end; ++s) {
+                if (starts[s + 1] - starts[s] != 1) continue;
+                const int64_t row = starts[s];
+                decode::attend(q + row * query.stride(0), query.stride(1), kc, vc,
+                               tables + s * max_blocks, lens[s], block_size, kv_heads, group, dim,
+                               static_cast<float>(scale), o + row * out.stride(0), out.stride(1),
+                               work.data());
+            }
+        });
+    };
+    switch (query.scalar_type()) {
+        case at::kFloat: return run(float{});
+        case at::kHalf: return run(c10::Half{});
+        case at::kBFloat16: return run(c10::BFloat16{});
+        default: TORCH_CHECK(false, "paged_decode: fp32, fp16 or bf16 only");
+    }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
+    m.def("paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+          "Tensor seq_lens, Tensor query_start_loc, float scale, Tensor(a!) out) -> ()");
+    m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
+}

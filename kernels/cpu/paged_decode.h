@@ -1,0 +1,177 @@
+// The decode-attention loop for one sequence, free of ATen so that it can be read (and timed)
+// on its own; paged_attention.cpp wraps it in the torch op.
+//
+// Each cached block is visited once, whole (all KV heads: one contiguous read, the next block
+// prefetched meanwhile): per query head, 8 keys at a time are scored (eight dot products
+// reduced together), the online softmax is updated once per block with a vectorized exp, and
+// the block's values are accumulated in registers.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "vec.h"
+
+namespace decode {
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// exp(x) for 8 floats: range reduction by ln 2 (Cody-Waite) and a degree-6 polynomial,
+// within ~2 ulp of std::exp on [-87, 88]; below that it is 0, as softmax wants.
+inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// The eight sums of v[0..8), one per lane.
+inline __m256 reduce8(const __m256* v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+#endif
+
+// scores[t] = q . k[t] for n keys at stride `stride` (q is fp32, already scaled).
+template <typename T>
+inline void score(const float* q, const T* k, int64_t stride, int64_t n, int64_t dim,
+                  float* scores) {
+    int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (dim % 8 == 0) {
+        for (; t + 8 <= n; t += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = _mm256_fmadd_ps(qv, vec::load8(k + (t + j) * stride + d), acc[j]);
+            }
+            _mm256_storeu_ps(scores + t, reduce8(acc));
+        }
+    }
+#endif
+    for (; t < n; ++t) scores[t] = vec::dot(q, k + t * stride, dim);
+}
+
+// Turns scores[0..n) into exp(score - new max) in place, returns their sum; updates the max.
+inline float softmax_block(float* s, int64_t n, float& run_max, float& rescale) {
+    const float new_max = std::max(run_max, *std::max_element(s, s + n));
+    rescale = std::exp(run_max - new_max);      // 0 on the first block
+    run_max = new_max;
+    int64_t t = 0;
+    float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const __m256 m = _mm256_set1_ps(new_max);
+    __m256 acc = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, p);
+        acc = _mm256_add_ps(acc, p);
+    }
+    sum = vec::hsum(acc);
+#endif
+    for (; t < n; ++t) {
+        s[t] = std::exp(s[t] - new_max);
+        sum += s[t];
+    }
+    return sum;
+}
+
+// acc = acc * rescale + sum_t p[t] * v[t] over n values at stride `stride`.
+template <typename T>
+inline void accumulate(float* acc, float rescale, const float* p, const T* v, int64_t stride,
+                       int64_t n, int64_t dim) {
+    int64_t d0 = 0;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const __m256 r = _mm256_set1_ps(rescale);
+    for (; d0 + 64 <= dim; d0 += 64) {      // 64 accumulators' worth stays in registers
+        __m256 a[8];
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * j), r);
+        for (int64_t t = 0; t < n; ++t) {
+            const __m256 pt = _mm256_set1_ps(p[t]);
+            for (int j = 0; j < 8; ++j)
+                a[j] = _mm256_fmadd_ps(pt, vec::load8(v + t * stride + d0 + 8 * j), a[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
+    }
+#endif
+    if (d0 == dim) return;
+    vec::scale(acc + d0, rescale, dim - d0);
+    for (int64_t t = 0; t < n; ++t) vec::axpy(acc + d0, p[t], v + t * stride + d0, dim - d0);
+}
+
+// Scratch floats `attend` needs for `heads` query heads of `dim` with blocks of `block_size`.
+inline int64_t scratch_size(int64_t heads, int64_t dim, int64_t block_size) {
+    return heads * (2 * dim + block_size + 2);
+}
+
+// out[h] (h < heads, at out_stride) = softmax(q[h] . K^T * scale) V over the ctx cached tokens
+// of one sequence; query head h reads KV head h / group. Blocks are visited once, whole.
+template <typename T>
+void attend(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
+            const int32_t* table, int64_t ctx, int64_t block_size, int64_t kv_heads,
+            int64_t group, int64_t dim, float scale, T* out, int64_t out_stride, float* work) {
+    const int64_t heads = kv_heads * group, token_stride = kv_heads * dim;
+    float* qf = work;                           // [heads][dim], scaled queries
+    float* acc = qf + heads * dim;              // [heads][dim]
+    float* p = acc + heads * dim;               // [heads][block_size]
+    float* run_max = p + heads * block_size;    // [heads]
+    float* run_sum = run_max + heads;           // [heads]
+    for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t d = 0; d < dim; ++d) {
+            qf[h * dim + d] = static_cast<float>(q[h * q_stride + d]) * scale;
+            acc[h * dim + d] = 0.f;
+        }
+        run_max[h] = -std::numeric_limits<float>::infinity();
+        run_sum[h] = 0.f;
+    }
+    const int64_t num_blocks = (ctx + block_size - 1) / block_size;
+    const int64_t block_elems = block_size * token_stride;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t n = std::min(block_size, ctx - b * block_size);
+        const T* kb = k_cache + static_cast<int64_t>(table[b]) * block_elems;
+        const T* vb = v_cache + static_cast<int64_t>(table[b]) * block_elems;
+        if (b + 1 < num_blocks) {   // the next block lies elsewhere: start reading it now
+            const char* kn = reinterpret_cast<const char*>(k_cache + table[b + 1] * block_elems);
+            const char* vn = reinterpret_cast<const char*>(v_cache + table[b + 1] * block_elems);
+            for (int64_t off = 0; off < block_elems * int64_t(sizeof(T)); off += 64) {
+                _mm_prefetch(kn + off, _MM_HINT_T1);
+                _mm_prefetch(vn + off, _MM_HINT_T1);
+            }
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t kv = (h / group) * dim;
+            float* ph = p + h * block_size;
+            score(qf + h * dim, kb + kv, token_stride, n, dim, ph);
+            float rescale;
+            const float sum = softmax_block(ph, n, run_max[h], rescale);
+            run_sum[h] = run_sum[h] * rescale + sum;
+            accumulate(acc + h * dim, rescale, ph, vb + kv, token_stride, n, dim);
+        }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+        const float inv = 1.f / run_sum[h];
+        for (int64_t d = 0; d < dim; ++d)
+            out[h * out_stride + d] = static_cast<T>(acc[h * dim + d] * inv);
+    }
+}
+
+}  // namespace decode

@@ -1,0 +1,66 @@
+// Small fp32-accumulating vector loops shared by the CPU kernels: AVX2/FMA when the compiler
+// targets it (the build uses -march=native), plain loops otherwise. Inputs may be fp32, fp16 or
+// bf16; arithmetic is always fp32.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace vec {
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// sum_i a[i] * b[i]
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+    int64_t i = 0;
+    float total = 0.f;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+    total = hsum(_mm256_add_ps(s0, s1));
+#endif
+    for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+    return total;
+}
+
+// acc[i] += a * x[i]
+template <typename T>
+inline void axpy(float* acc, float a, const T* x, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(acc + i)));
+#endif
+    for (; i < n; ++i) acc[i] += a * static_cast<float>(x[i]);
+}
+
+// x[i] *= a
+inline void scale(float* x, float a, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+}  // namespace vec

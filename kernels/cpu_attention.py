@@ -1,0 +1,42 @@
+"""Paged attention and KV store on CPU through the compiled kernels of ``kernels/cpu/``.
+
+Every decode row of the step (query length 1) goes through one compiled call per layer that
+reads each sequence's K/V blocks in place with an online softmax; prefill chunks (query length
+> 1) keep the reference's SDPA per sequence, where a GEMM-shaped kernel is what pays. Same
+signature and result as ``kernels.reference.paged_attention_reference``. The store writes
+each token's K/V rows into their slots in one compiled loop (``cpu/store_kv.cpp``).
+"""
+import torch
+
+from kernels.reference import paged_attention_reference, store_kv_reference
+
+__all__ = ["paged_attention_cpu", "store_kv_cpu"]
+
+
+def store_kv_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write each token's K/V into its cache slot; slots of -1 are skipped."""
+    if (key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
+            and slot_mapping.dtype == torch.long):
+        torch.ops.tsllm_cpu.store_kv(key.contiguous(), value.contiguous(), k_cache, v_cache,
+                                     slot_mapping)
+    else:
+        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                        query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its paged K/V; returns query's shape."""
+    out = torch.empty_like(query)
+    torch.ops.tsllm_cpu.paged_decode(query, k_cache, v_cache, block_tables, seq_lens,
+                                     query_start_loc, scale, out)
+    if query.shape[0] > seq_lens.shape[0]:      # some sequence has a prefill chunk
+        starts = query_start_loc.tolist()
+        for i in range(seq_lens.shape[0]):
+            start, end = starts[i], starts[i + 1]
+            if end - start > 1:
+                out[start:end] = paged_attention_reference(
+                    query[start:end], k_cache, v_cache, block_tables[i:i + 1],
+                    seq_lens[i:i + 1], query_start_loc.new_tensor([0, end - start]), scale)
+    return out

@@ -1,0 +1,141 @@
+"""The compiled CPU kernels against the PyTorch reference and a dense oracle: paged decode
+attention (mixed with prefill chunks, GQA groups, head sizes off the vector width, fp16/bf16,
+blocks in random places), the KV store (skipped slots) and the skinny linear layer; plus the
+build cache and the fallback when no compiler is found."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from paged_batch import dense_attention, make_batch
+
+import kernels
+from kernels import cpu_build
+from kernels.reference import paged_attention_reference, store_kv_reference
+
+pytestmark = pytest.mark.skipif(not cpu_build.load(), reason="no C++ compiler for the CPU kernels")
+
+
+def _cpu():
+    from kernels.cpu_attention import paged_attention_cpu, store_kv_cpu
+    from kernels.cpu_linear import linear_cpu
+    return paged_attention_cpu, store_kv_cpu, linear_cpu
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [
+    (9, 3, 64, 16),      # SmolLM2
+    (4, 4, 128, 8),      # no GQA, two register chunks of the head
+    (8, 2, 80, 32),      # head not a multiple of 64: vector chunk + tail
+    (6, 2, 36, 16),      # head not a multiple of 8: scalar path
+])
+def test_decode_matches_reference_and_oracle(heads: int, kv_heads: int, dim: int,
+                                             block_size: int) -> None:
+    pairs = [(1, n) for n in (1, 7, block_size, block_size + 1, 3 * block_size - 1, 200)]
+    batch = make_batch(pairs, heads, kv_heads, dim, block_size, torch.float32, seed=dim)
+    got = _cpu()[0](**batch)
+    torch.testing.assert_close(got, paged_attention_reference(**batch), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, dense_attention(**batch), atol=2e-6, rtol=1e-5)
+
+
+def test_mixed_prefill_and_decode_rows() -> None:
+    # decode rows around prefill chunks (with and without a cached prefix) and an empty query
+    pairs = [(1, 40), (5, 5), (1, 1), (16, 50), (0, 10), (1, 33), (3, 20)]
+    batch = make_batch(pairs, 9, 3, 64, 16, torch.float32, seed=1)
+    got = _cpu()[0](**batch)
+    rows = batch["query_start_loc"][-1]
+    torch.testing.assert_close(got[:rows], dense_attention(**batch)[:rows], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_caches(dtype: torch.dtype) -> None:
+    batch = make_batch([(1, 90), (1, 17), (2, 30)], 8, 2, 64, 16, dtype, seed=2)
+    got = _cpu()[0](**batch)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), dense_attention(**batch).float(), atol=1e-2, rtol=1e-2)
+
+
+def test_large_scores_stay_finite() -> None:
+    # softmax over scores in the hundreds: the online max must keep every exp in range
+    batch = make_batch([(1, 70), (1, 3)], 4, 2, 64, 16, torch.float32, seed=3)
+    batch["query"] = batch["query"] * 40
+    got = _cpu()[0](**batch)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, dense_attention(**batch), atol=1e-4, rtol=1e-4)
+
+
+def test_store_kv_matches_reference_and_skips_minus_one() -> None:
+    _, store_kv_cpu, _ = _cpu()
+    key, value = torch.randn(6, 3, 64), torch.randn(6, 3, 64)
+    slots = torch.tensor([5, -1, 17, 0, -1, 63])
+    ours = [torch.full((4, 16, 3, 64), 7.0) for _ in range(2)]
+    ref = [t.clone() for t in ours]
+    store_kv_cpu(key, value, *ours, slots)
+    store_kv_reference(key, value, *ref, slots)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert (ours[0].view(-1, 3, 64)[[1, 2, 3, 4]] == 7.0).all()     # untouched slots
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 65])
+@pytest.mark.parametrize("n,k,bias", [(96, 576, False), (30, 37, True), (1, 8, True)])
+def test_linear_matches_torch(rows: int, n: int, k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    torch.testing.assert_close(_cpu()[2](x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_on_cpu_dispatches_to_the_compiled_kernels(monkeypatch) -> None:
+    before = kernels.get_backend()
+    calls: list[str] = []
+
+    def spy(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    try:
+        kernels.set_backend("auto")
+        assert kernels._use_cpu(torch.empty(1))
+        attend, linear, store = kernels._cpu_fns
+        monkeypatch.setattr(kernels, "_cpu_fns", (spy("attention", attend), spy("linear", linear),
+                                                  spy("store", store)))
+        for backend, expected in (("auto", ["attention", "store", "linear"]), ("reference", [])):
+            kernels.set_backend(backend)
+            calls.clear()
+            batch = make_batch([(1, 20), (2, 4)], 2, 1, 16, 16, torch.float32)
+            out = kernels.paged_attention(**batch)
+            kernels.store_kv(torch.ones(1, 1, 16), torch.ones(1, 1, 16), batch["k_cache"],
+                             batch["v_cache"], torch.tensor([3]))
+            kernels.linear(torch.randn(2, 8), torch.randn(4, 8), None)
+            assert calls == expected
+            torch.testing.assert_close(out, dense_attention(**make_batch(
+                [(1, 20), (2, 4)], 2, 1, 16, 16, torch.float32)), atol=2e-6, rtol=1e-5)
+    finally:
+        kernels.set_backend(before)
+
+
+def test_build_is_cached_and_failure_falls_back(monkeypatch, tmp_path, caplog) -> None:
+    assert (cpu_build.cache_dir() / "tsllm_cpu.so").exists()
+    monkeypatch.setenv("TORCHSERVE_LLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        assert cpu_build._build() is False
+    assert any("using the PyTorch reference" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_rms_norm_matches_the_decoder_formula(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=gen) * 3, torch.randn(576, generator=gen)
+    expected = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_rotary_is_bit_identical_to_rotate_half() -> None:
+    from engine.models.rope import RotaryEmbedding, _rotate
+    rope = RotaryEmbedding(64, 512, 10000.0, None)
+    positions = torch.tensor([0, 5, 511, 77])
+    qkv = torch.randn(4, (9 + 2 * 3) * 64)             # q and k as views of a fused buffer
+    q, k = qkv[:, :576].view(4, 9, 64), qkv[:, 576:768].view(4, 3, 64)
+    cos, sin = rope.table(positions)
+    got_q, got_k = kernels.rotary(q, k, cos, sin)
+    assert got_q.is_contiguous() and got_k.is_contiguous()
+    assert torch.equal(got_q, _rotate(q, cos, sin)) and torch.equal(got_k, _rotate(k, cos, sin))
