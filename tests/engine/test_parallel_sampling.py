@@ -251,3 +251,21 @@ def small_pool(tiny_llama):
                                                   ignore_eos=True), use_tqdm=False)[0].token_ids
         return answers[length, max_tokens]
     return llm, single
+
+
+def test_a_failed_step_fails_every_choice_and_frees_their_blocks(llm, monkeypatch):
+    llm.add_request("r", _prompt(21), SamplingParams(n=3, max_tokens=50, ignore_eos=True))
+    llm.step()                                   # prefill and fork
+    assert len(llm.scheduler.running) == 3
+
+    def broken(*args):
+        raise RuntimeError("kernel failed")
+    monkeypatch.setattr(llm.runner.model, "forward", broken)
+    out = llm.step()
+    assert sorted((d.index, d.finish_reason) for d in out) == [(0, "error"), (1, "error"),
+                                                                (2, "error")]
+    assert all("kernel failed" in d.error for d in out) and [d.finished for d in out] == [
+        False, False, True]
+    monkeypatch.undo()
+    assert not llm.has_unfinished()
+    _no_blocks_held(llm)
