@@ -10,13 +10,13 @@ included), peak KV blocks, the ratios, and whether the tokens agree (they must: 
 equals the request seeded ``seed + i``). Only the model's ``forward`` is wrapped, to count
 the rows it computes.
 
-    python scripts/bench_parallel_sampling.py --model models/smollm2-135m-instruct \\
-        --prompt-tokens 512 --n 4 --max-tokens 32 --threads 1
+    python bench/parallel_sampling.py --model smollm2 --prompt-tokens 512 --n 4 \\
+        --max-tokens 32 --threads 1
 """
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+if __package__ in (None, ""):  # run as a script: make `bench.` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -26,9 +26,8 @@ import time
 
 import torch
 
+from bench.models import add_model_arg, resolve
 from engine import LLMEngine, SamplingParams
-
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
 
 
 def run(llm: LLMEngine, requests: dict[str, SamplingParams], prompt: list[int]) -> dict:
@@ -64,7 +63,7 @@ def run(llm: LLMEngine, requests: dict[str, SamplingParams], prompt: list[int]) 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    add_model_arg(ap)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                             for i in range(args.n)}}
     results = {}
     for name, requests in systems.items():
-        llm = LLMEngine(args.model, **engine_args)
+        llm = LLMEngine(resolve(args.model), **engine_args)
         rng = random.Random(args.seed)
         prompt = [rng.randrange(3, llm.runner.model.spec.vocab_size)
                   for _ in range(args.prompt_tokens)]

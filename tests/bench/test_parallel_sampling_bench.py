@@ -4,7 +4,7 @@ asserted."""
 import json
 from pathlib import Path
 
-from scripts.bench_parallel_sampling import main
+from bench.parallel_sampling import main
 
 
 def test_n_choices_against_separate_requests(tiny_llama: Path, tmp_path: Path) -> None:
