@@ -19,6 +19,8 @@ setup(
         "tqdm>=4.66",
         "psutil>=5.9",
         "ninja>=1.11",          # torch.utils.cpp_extension builds the CPU kernels with it
+        "xgrammar>=0.2,<0.3",       # structured output (engine/structured_output*.py)
+        "jsonschema>=4.18",
     ],
     extras_require={
         "triton": ["triton>=3.1"],

@@ -23,6 +23,10 @@ from engine.parallel_sampling import ParentRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
+from engine.structured_output import GrammarCompiler, wait_any
+
+GRAMMAR_DEAD_END = ("structured_outputs: the grammar allows no token here (min_tokens or "
+                    "stop_token_ids left nothing to sample)")
 
 
 class LLMEngine:
@@ -38,6 +42,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(self.runner.num_blocks, self.config.block_size,
                                         self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.allocator)
+        self.grammars = GrammarCompiler(self.tokenizer, spec.vocab_size, self.eos_token_ids)
+        self._compiling: list[Sequence] = []    # admitted once their grammar is compiled
         self.token_texts = TokenTexts(self.tokenizer)
         self.seqs: dict[str, Sequence] = {}           # by request id: its first choice
         self._lock = threading.Lock()
@@ -70,6 +76,8 @@ class LLMEngine:
                        Detokenizer(self.tokenizer, ids, params.stop), parent=parent)
         if parent is not None:
             parent.seqs.append(seq)
+        if params.structured_outputs is not None:
+            seq.grammar = self.grammars.start(params.structured_outputs)
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -106,13 +114,16 @@ class LLMEngine:
             aborts, self._aborts = self._aborts, []
         for seq in inbox:
             self.seqs[seq.request_id] = seq
-            self.scheduler.add(seq)
+            self._compiling.append(seq)
             self.prompt_tokens_total += seq.num_prompt_tokens
         outputs = [out for rid in aborts if rid in self.seqs for out in self._abort(rid)]
+        outputs += self._admit()
         batch = self.scheduler.schedule()
         self._fork(batch)
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         if not batch.seqs:
+            if self._compiling:     # nothing to run until a grammar is ready: do not spin
+                wait_any([s.grammar for s in self._compiling], timeout_s=0.01)
             return outputs
         children = [child for _, child in batch.forks]
         try:
@@ -136,6 +147,22 @@ class LLMEngine:
                 outputs += self._append(child, token)
         return outputs
 
+    def _admit(self) -> list[RequestOutput]:
+        """Hand the scheduler each new sequence whose grammar (if any) has compiled."""
+        compiling, self._compiling = self._compiling, []
+        outputs = []
+        for seq in compiling:
+            if seq.grammar is None:
+                self.scheduler.add(seq)
+            elif not seq.grammar.ready:
+                self._compiling.append(seq)
+            elif seq.grammar.error:
+                outputs += self._finish(seq, "error", error=seq.grammar.error)
+            else:
+                seq.grammar.start()
+                self.scheduler.add(seq)
+        return outputs
+
     def _fork(self, batch: Batch) -> None:
         """Fork the other choices of requests whose prompt completes this step."""
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -152,6 +179,8 @@ class LLMEngine:
                                  index, parent)
                 child.arrival_time, child.queue_time_s = seq.arrival_time, seq.queue_time_s
                 child.num_computed_tokens = seq.num_computed_tokens + num_new
+                if seq.grammar is not None:
+                    child.grammar = seq.grammar.fork()
                 self.allocator.fork(seq.seq_id, child.seq_id)
                 self.scheduler.add_running(child)
                 parent.seqs.append(child)
@@ -166,6 +195,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> list[RequestOutput]:
         if seq.max_tokens == 0:         # prompt scoring only: the sampled token is dropped
             return self._finish(seq, "length")
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            return self._finish(seq, "error", error=GRAMMAR_DEAD_END)
         seq.token_ids.append(token)
         self.generation_tokens_total += 1
         try:
@@ -176,7 +207,7 @@ class LLMEngine:
         p = seq.params
         n = seq.num_output_tokens
         reason = None
-        if stopped:
+        if stopped or (seq.grammar is not None and seq.grammar.ended):
             reason = "stop"
         elif n >= p.min_tokens and (token in p.stop_token_ids
                                     or (not p.ignore_eos and token in self.eos_token_ids)):
@@ -193,6 +224,8 @@ class LLMEngine:
                 token_ids: list[int] | None = None,
                 error: str | None = None) -> list[RequestOutput]:
         self.scheduler.finish(seq, reason)
+        if seq in self._compiling:
+            self._compiling.remove(seq)
         parent = seq.parent
         if parent is not None:
             if not parent.forked:        # ended before its fork: the other choices never start

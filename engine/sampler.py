@@ -6,6 +6,7 @@ each request's own generator so its tokens do not depend on what else is in the 
 import torch
 
 from engine.sequence import Sequence
+from engine.structured_output import mask
 
 
 class Sampler:
@@ -19,6 +20,8 @@ class Sampler:
         self._ban_early_stops(logits, seqs)
         if any(s.params.penalized for s in seqs):
             logits = self._penalize(logits, seqs)
+        if any(s.grammar is not None for s in seqs):
+            mask(logits, [s.grammar for s in seqs])
         greedy = logits.argmax(dim=-1)
         if all(s.params.greedy for s in seqs):
             return greedy.tolist()

@@ -4,6 +4,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.logprobs import MAX_LOGPROBS
+from engine.structured_output_params import StructuredOutputsParams
 
 
 class SamplingParams(BaseModel):
@@ -36,6 +37,7 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     n: int = Field(1, ge=1)
     best_of: int | None = Field(None, ge=1)
+    structured_outputs: StructuredOutputsParams | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -117,7 +117,7 @@ class Scheduler:
         """Drop ``seq`` from whichever queue holds it and free its blocks at once."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq in self.waiting:         # not there while its grammar compiles
             self.waiting.remove(seq)
         self.allocator.free(seq.seq_id)
         seq.status = Status.FINISHED

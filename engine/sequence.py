@@ -8,6 +8,7 @@ import torch
 from engine.detokenizer import Detokenizer
 from engine.logprobs import PositionLogprobs
 from engine.sampling_params import SamplingParams
+from engine.structured_output import GrammarState
 
 if TYPE_CHECKING:
     from engine.parallel_sampling import ParentRequest
@@ -52,6 +53,7 @@ class Sequence:
         self.prompt_logprobs: list[PositionLogprobs | None] = [None]    # filled during prefill
         self.prompt_logprobs_sent = False
         self.cumulative_logprob = 0.0
+        self.grammar: GrammarState | None = None     # set for structured_outputs requests
 
     @property
     def scores_tokens(self) -> bool:

@@ -15,6 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
 
 from engine import SamplingParams
 from engine.logprobs import MAX_LOGPROBS
+from engine.structured_output_params import StructuredOutputsParams
 
 Api = Literal["generate", "completions", "chat", "models", "stats"]
 ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completions": "completions",
@@ -26,7 +27,7 @@ OPENAI_IGNORED = ("model", "user", "stream_options", "max_completion_tokens", "m
 # that implements one declares it as a field of its body (so it never reaches this check):
 # completions take echo, logprobs, best_of; chat takes logprobs, top_logprobs.
 OPENAI_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "logit_bias", "suffix", "best_of",
-                      "response_format", "tools", "tool_choice", "parallel_tool_calls")
+                      "tools", "tool_choice", "parallel_tool_calls")
 
 
 class RequestError(Exception):
@@ -232,6 +233,9 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
         raise RequestError("prompt: must not be empty", param="prompt")
     for key in OPENAI_IGNORED if api != "generate" else ():
         extra.pop(key, None)
+    if api != "generate" and "response_format" in extra:
+        extra["structured_outputs"] = response_format(extra.pop("response_format"),
+                                                      extra.get("structured_outputs"))
     for key in OPENAI_UNSUPPORTED if api != "generate" else ():
         value = extra.pop(key, None)
         if value not in (None, False, {}, []) and not (key == "best_of" and value == 1):
@@ -252,3 +256,30 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
     return ParsedRequest(api=api, prompt=prompt, params=params, stream=parsed.stream,
                          include_usage=bool(options.get("include_usage")),
                          request_timeout_s=timeout_s, echo=echo, echo_first_token=first)
+
+
+def response_format(value: Any, structured_outputs: Any) -> Any:
+    """OpenAI's ``response_format`` as the engine's ``structured_outputs``: ``{"type": "text"}``
+    constrains nothing, ``json_object`` asks for a JSON object, ``json_schema`` for
+    ``json_schema.schema``; None leaves ``structured_outputs`` as it was. Errors name the part
+    of ``response_format`` that is wrong."""
+    def bad(where: str, message: str) -> RequestError:
+        return RequestError(f"{where}: {message}", param=where)
+    if value is None:
+        return structured_outputs
+    if structured_outputs is not None:
+        raise bad("response_format", "give response_format or structured_outputs, not both")
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise bad("response_format.type", "must be text, json_object or json_schema")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise bad("response_format.json_schema.schema", "must be a JSON schema object")
+    try:
+        return StructuredOutputsParams(json=spec["schema"])
+    except ValidationError as exc:
+        raise bad("response_format.json_schema.schema", exc.errors()[0]["msg"]) from exc

@@ -68,13 +68,13 @@ def test_native_and_openai_bodies():
     ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 3},
      "best_of"),
     ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                             "response_format": {"type": "json_object"}}, "response_format"),
+                             "tools": [{"type": "function"}]}, "tools"),
 ])
 def test_unsupported_openai_options_are_refused_not_ignored(path, body, field):
     with pytest.raises(RequestError) as err:
         parse(body, path)
     assert err.value.status == 400 and err.value.param == field
-    no_op = {"top_logprobs": None, "echo": False, "best_of": 1, "response_format": None}[field]
+    no_op = {"top_logprobs": None, "echo": False, "best_of": 1, "tools": None}[field]
     assert parse({**body, field: no_op}, path).params is not None
 
 
