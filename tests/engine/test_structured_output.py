@@ -210,3 +210,10 @@ def test_equal_constraints_share_one_key():
     assert SO(json=SCHEMA).key() == SO(json=json.dumps(SCHEMA)).key()
     assert SO(json_object=True).key() == SO(json={"type": "object"}).key()
     assert SO(regex="a").key() != SO(grammar='root ::= "a"').key()
+
+
+def test_every_parallel_choice_follows_its_own_matcher(llm):
+    outs = run(llm, ["several"], [params(SO(regex=REGEX), n=3, temperature=1.0, seed=11)])
+    assert [o.index for o in outs] == [0, 1, 2] and len({o.text for o in outs}) > 1
+    for out in outs:
+        assert out.finish_reason == "stop" and re.fullmatch(REGEX, out.text), out
