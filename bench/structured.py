@@ -11,7 +11,7 @@ each row's ``accept`` of its sampled token.
 Compile times: TokenizerInfo (once per engine), then each schema on a fresh compiler (cold),
 then the same schemas again (cached: a dict lookup and a finished future).
 
-    python -m bench.structured [--model-path DIR] [--max-tokens 48] [--repeats 2]
+    python -m bench.structured [--model smollm2|DIR] [--max-tokens 48] [--repeats 2]
 """
 import argparse
 import statistics
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engine.sampler  # noqa: E402
+from bench.models import add_model_arg, resolve  # noqa: E402
 from engine import LLMEngine, SamplingParams  # noqa: E402
 from engine.structured_output import GrammarCompiler, GrammarState, mask  # noqa: E402
 from engine.structured_output_params import StructuredOutputsParams  # noqa: E402
@@ -89,12 +90,11 @@ def compile_times(llm: LLMEngine) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", type=Path,
-                        default=ROOT / "models" / "smollm2-135m-instruct")
+    add_model_arg(parser)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    llm = LLMEngine(args.model_path, num_blocks=BATCH * 8 + 16, max_num_seqs=BATCH,
+    llm = LLMEngine(resolve(args.model), num_blocks=BATCH * 8 + 16, max_num_seqs=BATCH,
                     max_num_batched_tokens=4096, enable_prefix_caching=False)
     compiles = compile_times(llm)
     cases = [CASES[i % len(CASES)] for i in range(BATCH)]
