@@ -1,57 +1,70 @@
 """Triton KV-cache store: writes each new token's K/V into its paged cache slot.
 
-Same signature and semantics as ``store_kv_reference`` in ``kernels/reference.py``. Importing
-this module imports triton; ``kernels/__init__.py`` only does so when the Triton backend is used.
+Same signature and semantics as ``store_kv_reference`` in ``kernels/reference.py``. One program
+per (token, KV head), so the compiled variant depends only on dtypes and the padded head size.
+Importing this module imports triton; ``kernels/__init__.py`` only does so when it is used.
 """
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import Launch, check_aligned, check_head_dim
 
-@triton.jit
-def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
+
+@triton.jit(do_not_specialize=["block_shift"])
+def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, block_shift,
+                     head_dim, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     HEADS_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                     DIM_P: tl.constexpr):
     token = tl.program_id(0)
+    head = tl.program_id(1)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
         return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    heads = tl.arange(0, HEADS_P)[:, None]
-    dims = tl.arange(0, DIM_P)[None, :]
-    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+    block = slot >> block_shift
+    offset = slot & ((1 << block_shift) - 1)
+    dims = tl.arange(0, DIM_P)
+    mask = dims < head_dim
     token = token.to(tl.int64)
 
-    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
+    k = tl.load(key_ptr + token * stride_kt + head * stride_kh + dims, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + head * stride_kch + dims
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
 
-    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
+    v = tl.load(value_ptr + token * stride_vt + head * stride_vh + dims, mask=mask)
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + head * stride_vch + dims
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def plan_store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> list[Launch]:
+    """The launch that computes ``store_kv_triton`` (none for an empty step)."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    block_size = k_cache.shape[1]
+    assert value.shape == key.shape and k_cache.shape == v_cache.shape
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and slot_mapping.shape == (num_tokens,)
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be dense"
+    check_head_dim(head_dim)
+    if num_tokens == 0:
+        return []
+    key, value = _unit_last(key), _unit_last(value)
+    check_aligned(key, value, k_cache, v_cache, slot_mapping)
+    return [Launch(_store_kv_kernel, (num_tokens, num_kv_heads), dict(
+        key_ptr=key, value_ptr=value, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
+        slot_ptr=slot_mapping, block_shift=block_size.bit_length() - 1, head_dim=head_dim,
+        stride_kt=key.stride(0), stride_kh=key.stride(1),
+        stride_vt=value.stride(0), stride_vh=value.stride(1),
+        stride_kcb=k_cache.stride(0), stride_kcs=k_cache.stride(1), stride_kch=k_cache.stride(2),
+        stride_vcb=v_cache.stride(0), stride_vcs=v_cache.stride(1), stride_vch=v_cache.stride(2)),
+        dict(DIM_P=triton.next_power_of_2(head_dim)), {"num_warps": 1})]
 
 
 def store_kv_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write each token's K/V into its cache slot; slots of -1 are skipped."""
-    num_tokens, num_kv_heads, head_dim = key.shape
-    assert value.shape == key.shape and k_cache.shape == v_cache.shape
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and slot_mapping.shape == (num_tokens,)
-    if num_tokens == 0:
-        return
-    key, value = _unit_last(key), _unit_last(value)
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be dense"
-    _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HEADS_P=triton.next_power_of_2(num_kv_heads), DIM_P=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1])
+    for launch in plan_store_kv(key, value, k_cache, v_cache, slot_mapping):
+        launch()
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

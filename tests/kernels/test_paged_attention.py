@@ -41,7 +41,7 @@ def test_mixed_batch_split_kv(dtype: torch.dtype, group: int, splits: int) -> No
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("head_dim", [64, 128, 24])
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
 def test_block_boundaries(block_size: int, head_dim: int) -> None:
     """Lengths on and one past block boundaries, seq_len 1, chunks spanning several blocks."""
     pairs = [(1, 1), (1, block_size), (1, block_size + 1), (2, 2 * block_size),

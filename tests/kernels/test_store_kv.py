@@ -16,7 +16,7 @@ def oracle(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 @pytest.mark.parametrize("same_dtype", [False, True])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("num_kv_heads,head_dim,block_size", [(1, 16, 16), (3, 24, 32),
+@pytest.mark.parametrize("num_kv_heads,head_dim,block_size", [(1, 16, 16), (3, 80, 32),
                                                                (2, 128, 16)])
 def test_store_kv(num_kv_heads: int, head_dim: int, block_size: int,
                   cache_dtype: torch.dtype, same_dtype: bool) -> None:
