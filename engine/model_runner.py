@@ -9,6 +9,7 @@ are done before the forward. Logprobs (engine/logprobs.py) are taken from the ra
 before the sampler touches them: of sampled tokens for sequences that score them, and of every
 prompt position for sequences that still owe prompt logprobs.
 """
+import itertools
 import logging
 
 import psutil
@@ -40,6 +41,7 @@ class ModelRunner:
         self.model: CausalLM = load_model(model_path, self.dtype, config.device, max_model_len)
         self.sampler = Sampler(eos_token_ids)
         self.num_blocks = self._size_pool()
+        assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"
         spec = self.model.spec
         shape = (self.num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
         for attn in self.model.attention_layers():
@@ -84,15 +86,15 @@ class ModelRunner:
             q_starts.append(q_starts[-1] + num_new)
             if start + num_new == seq.num_tokens:
                 sample_rows.append(len(seq_lens) - 1)
-        meta, pos = self._metadata(batch, allocator, starts, seq_lens, q_starts)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        rows = sample_rows + [r for r, _ in batch.forks]
+        last = [q_starts[r + 1] - 1 for r in rows]
+        input_ids, pos, meta, last_rows = self._metadata(batch, allocator, ids, starts,
+                                                         seq_lens, q_starts, last)
         hidden = self.model(input_ids, pos, meta)
         self._score_prompts(batch, hidden, starts, q_starts)
         tokens: list[int | None] = [None] * (len(batch.seqs) + len(batch.forks))
-        rows = sample_rows + [r for r, _ in batch.forks]
         if rows:
-            last = torch.tensor([q_starts[r + 1] - 1 for r in rows], device=self.device)
-            logits = self.model.logits(hidden[last])
+            logits = self.model.logits(hidden[last_rows])
             seqs = [batch.seqs[r] for r in sample_rows] + [child for _, child in batch.forks]
             slots = sample_rows + list(range(len(batch.seqs), len(tokens)))   # where tokens go
             finite = finite_rows(logits)
@@ -153,9 +155,12 @@ class ModelRunner:
             for seq, entry in zip(owners[part], entries):
                 seq.prompt_logprobs.append(entry)
 
-    def _metadata(self, batch: Batch, allocator: BlockAllocator, starts: list[int],
-                  seq_lens: list[int], q_starts: list[int]
-                  ) -> tuple[AttentionMetadata, torch.Tensor]:
+    def _metadata(self, batch: Batch, allocator: BlockAllocator, ids: list[int],
+                  starts: list[int], seq_lens: list[int], q_starts: list[int], last: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Input ids, positions, attention metadata and the rows to sample, built on the host
+        and sent to the device in one non-blocking copy (from pinned memory on CUDA): the
+        layers then read only device tensors, with no host-device sync per layer."""
         tables = [allocator.table(seq.seq_id) for seq in batch.seqs]
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables],
@@ -167,11 +172,18 @@ class ModelRunner:
         pos = offsets[row] + torch.arange(len(row))
         bs = self.config.block_size
         slots = block_tables[row, pos // bs].long() * bs + pos % bs
-        to = dict(device=self.device, non_blocking=True)
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(**to),
-            block_tables=block_tables.to(**to),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(**to),
-            query_start_loc=torch.tensor(q_starts, dtype=torch.int32).to(**to),
-        )
-        return meta, pos.to(**to)
+        parts = [torch.tensor(ids, dtype=torch.int32), pos.int(), slots.int(),
+                 torch.tensor(seq_lens, dtype=torch.int32),
+                 torch.tensor(q_starts, dtype=torch.int32),
+                 torch.tensor(last, dtype=torch.int32), block_tables.flatten()]
+        # Every part starts on a 16-byte boundary, as the compiled Triton variants expect.
+        ends = list(itertools.accumulate(-(-p.numel() // 4) * 4 for p in parts))
+        host = torch.empty(ends[-1], dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        for part, end in zip(parts, [0] + ends):
+            host[end:end + part.numel()] = part
+        dev = host.to(self.device, non_blocking=True)
+        ids_d, pos_d, slots_d, seq_lens_d, q_starts_d, last_d, tables_d = (
+            dev[end:end + part.numel()] for part, end in zip(parts, [0] + ends))
+        meta = AttentionMetadata(slot_mapping=slots_d, block_tables=tables_d.view(-1, width),
+                                 seq_lens=seq_lens_d, query_start_loc=q_starts_d)
+        return ids_d, pos_d, meta, last_d
