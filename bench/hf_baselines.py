@@ -17,9 +17,10 @@ from bench.metrics import SystemResult, peak_rss_gib
 from bench.workload import Request
 
 
-def load_hf(model_path) -> torch.nn.Module:
-    """The checkpoint in transformers, fp32, with EOS disabled so outputs reach their targets."""
-    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+def load_hf(model_path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+    """The checkpoint in transformers, with EOS disabled so outputs reach their targets."""
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    hf = hf.to(device).eval()
     hf.generation_config.eos_token_id = None
     hf.config.eos_token_id = None
     return hf
@@ -125,6 +126,7 @@ def run_hf_static(hf, workload: list[Request], batch_size: int, num_sanity: int)
         width = max(r.prompt_len for r in batch)
         ids = torch.tensor([[pad] * (width - r.prompt_len) + r.prompt_ids for r in batch])
         mask = torch.tensor([[0] * (width - r.prompt_len) + [1] * r.prompt_len for r in batch])
+        ids, mask = ids.to(hf.device), mask.to(hf.device)
         out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
                           max_new_tokens=max(r.output_len for r in batch), streamer=clock)
         return out[:, width:]

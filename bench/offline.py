@@ -1,9 +1,10 @@
 """Offline throughput benchmark: this engine against transformers, on one seeded workload.
 
 In one process, on the same checkpoint and the same mixed-length requests (every output forced
-to its target length, greedy, fp32), it runs one after another: (1) our ``LLMEngine`` with every
-request added at once; (2) the ceiling: the exact forward + logits calls our engine made in
-(1), captured from the benchmark side and replayed back to back with nothing in between;
+to its target length, greedy; fp32 on CPU unless ``--device``/``--dtype`` say otherwise), it
+runs one after another: (1) our ``LLMEngine`` with every request added at once; (2) the
+ceiling: the exact forward + logits calls our engine made in (1), captured from the benchmark
+side and replayed back to back with nothing in between;
 (3) transformers' continuous batching with the same KV pool and token budget; (4) transformers'
 static padded ``generate`` in fixed batches, as a TorchServe static-batching handler does.
 It prints throughput, latency and KV-cache numbers, the ratios, and whether the greedy tokens
@@ -128,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--static-batch-size", type=int, default=8)
     p.add_argument("--sanity-requests", type=int, default=4, help="compared token for token")
+    p.add_argument("--device", default="cpu", help="both engines' device (cpu, cuda[:N])")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads for every system "
                    "(default: torch's choice; 1 is steadier on a shared machine)")
     p.add_argument("--json", type=Path, help="write every number here")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     model_path = resolve(args.model)
     llm = LLMEngine(model_path, num_blocks=args.num_blocks, block_size=args.block_size,
-                    max_num_seqs=args.max_num_seqs, dtype="float32", device="cpu",
+                    max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device,
                     max_num_batched_tokens=args.max_num_batched_tokens)
     workload = make_workload(args.num_requests, AutoConfig.from_pretrained(model_path).vocab_size,
                              llm.max_model_len, seed=args.seed, scale=args.scale)
@@ -160,7 +163,7 @@ def _run(args: argparse.Namespace) -> dict:
     results["ours"], steps = run_ours(llm, workload, args.sanity_requests)
     results["ceiling"] = run_ceiling(llm.runner.model, steps, len(workload))
     del steps, llm
-    hf = load_hf(model_path)
+    hf = load_hf(model_path, args.dtype, args.device)
     results["hf_cb"] = run_hf_cb(hf, workload, args.block_size, args.num_blocks,
                                  args.max_num_batched_tokens, args.max_num_seqs,
                                  args.sanity_requests)

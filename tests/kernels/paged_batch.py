@@ -1,7 +1,14 @@
-"""Builds random paged batches and an independent dense oracle for the kernel tests."""
+"""Builds random paged batches and an independent dense oracle for the kernel tests.
+
+Batches live on ``DEVICE``: the CPU under the Triton interpreter (the default in tests), CUDA
+when the interpreter is off (scripts/gpu_check.sh runs these tests compiled on a GPU).
+"""
 import itertools
+import os
 
 import torch
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def make_batch(pairs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
@@ -27,13 +34,14 @@ def make_batch(pairs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, 
     q_lens = [q for q, _ in pairs]
     num_tokens = sum(q_lens)
     # Queries as a view into a wider fused qkv buffer: token stride != num_heads * head_dim.
-    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim,
+                      generator=gen).to(DEVICE)
     query = qkv.to(dtype)[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
-    return dict(query=query, k_cache=k_cache, v_cache=v_cache, block_tables=tables,
-                seq_lens=torch.tensor([s for _, s in pairs], dtype=torch.int32),
-                query_start_loc=torch.tensor([0, *itertools.accumulate(q_lens)],
-                                             dtype=torch.int32),
-                scale=head_dim ** -0.5)
+    batch = dict(query=query, k_cache=k_cache, v_cache=v_cache, block_tables=tables,
+                 seq_lens=torch.tensor([s for _, s in pairs], dtype=torch.int32),
+                 query_start_loc=torch.tensor([0, *itertools.accumulate(q_lens)],
+                                              dtype=torch.int32))
+    return {**{k: v.to(DEVICE) for k, v in batch.items()}, "scale": head_dim ** -0.5}
 
 
 def dense_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -41,7 +49,7 @@ def dense_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start
     """Oracle: gather each sequence's K/V slot by slot, mask causally, softmax in fp32."""
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = query.shape[1] // num_kv_heads
-    out = torch.zeros(query.shape, dtype=torch.float32)
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     for s in range(len(seq_lens)):
         seq_len = int(seq_lens[s])
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])

@@ -1,6 +1,7 @@
 """Triton KV store against the reference and a slot-by-slot oracle, on CPU (interpreter)."""
 import pytest
 import torch
+from paged_batch import DEVICE
 
 from kernels.reference import store_kv_reference
 from kernels.triton_store_kv import store_kv_triton
@@ -26,7 +27,7 @@ def test_store_kv(num_kv_heads: int, head_dim: int, block_size: int,
     caches = [torch.randn(shape, generator=gen).to(cache_dtype) for _ in range(2)]
     # K and V as views of a fused qkv buffer, in fp32 (the store casts) or the cache dtype.
     qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=gen)
-    qkv = qkv.to(cache_dtype) if same_dtype else qkv
+    qkv = (qkv.to(cache_dtype) if same_dtype else qkv).to(DEVICE)
     key = qkv[:, :num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
     value = qkv[:, 2 * num_kv_heads * head_dim:].view(num_tokens, num_kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(torch.int64)
@@ -34,6 +35,7 @@ def test_store_kv(num_kv_heads: int, head_dim: int, block_size: int,
     # The last slot of the pool is written too, so the edge of the cache is covered.
     slots[5] = num_blocks * block_size - 1
 
+    caches, slots = [c.to(DEVICE) for c in caches], slots.to(DEVICE)
     expected = [c.clone() for c in caches]
     oracle(key, value, *expected, slots)
     ref = [c.clone() for c in caches]
@@ -50,9 +52,11 @@ def test_store_kv(num_kv_heads: int, head_dim: int, block_size: int,
 
 
 def test_store_kv_all_skipped_and_empty() -> None:
-    cache = torch.randn(2, 16, 1, 16)
+    cache = torch.randn(2, 16, 1, 16, device=DEVICE)
     before = cache.clone()
-    key = torch.randn(3, 1, 16)
-    store_kv_triton(key, key, cache, cache, torch.full((3,), -1, dtype=torch.int32))
-    store_kv_triton(key[:0], key[:0], cache, cache, torch.zeros(0, dtype=torch.int32))
+    key = torch.randn(3, 1, 16, device=DEVICE)
+    store_kv_triton(key, key, cache, cache, torch.full((3,), -1, dtype=torch.int32,
+                                                       device=DEVICE))
+    store_kv_triton(key[:0], key[:0], cache, cache, torch.zeros(0, dtype=torch.int32,
+                                                                device=DEVICE))
     assert torch.equal(cache, before)

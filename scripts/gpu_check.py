@@ -1,0 +1,203 @@
+"""The steps of scripts/gpu_check.sh that no other script covers, one subcommand each.
+
+- ``parity``: greedy tokens of our engine (all prompts at once: batched, chunked prefill)
+  against transformers ``generate()`` one prompt at a time, on a device, per dtype (fp32 must
+  be identical; others report how far they agree); plus a seeded request alone and inside a
+  busy batch (per-request generators on the logits' device).
+- ``random-llama``: a Llama checkpoint of random weights (``1b``: Llama-3.2-1B's shape with the
+  given tokenizer's vocabulary, ~1.07B parameters; ``tiny`` for the CPU dry run).
+- ``serve``: one TorchServe with the ``llm`` archive of a checkpoint on a device; a streamed and
+  a whole request must come back with text.
+
+Each prints one JSON line of results and exits non-zero when its check fails.
+
+    python scripts/gpu_check.py parity --model DIR --device cuda --dtypes float32 bfloat16
+    python scripts/gpu_check.py random-llama --out DIR --size 1b --tokenizer-from DIR
+    python scripts/gpu_check.py serve --model DIR --device cuda --dtype bfloat16 --run-dir DIR
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `scripts.` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import random
+import subprocess
+import tempfile
+import time
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_SIZES = {   # hidden, layers, heads, kv heads, intermediate
+    "1b": (2048, 16, 32, 8, 8192),
+    "tiny": (64, 2, 4, 2, 128),
+}
+
+
+def parity(args: argparse.Namespace) -> bool:
+    """Greedy parity per dtype (fp32 must be identical), then the seeded check; one JSON line
+    per dtype."""
+    ok = True
+    for dtype in args.dtypes:
+        identical, total, seeded_ok = _parity(args, dtype)
+        ok = ok and seeded_ok and (dtype != "float32" or identical == total)
+    return ok
+
+
+def _parity(args: argparse.Namespace, dtype: str) -> tuple[int, int, bool]:
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLMEngine, SamplingParams
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype))
+    hf = hf.to(args.device).eval()
+    hf.generation_config.eos_token_id = None       # every continuation runs to max_tokens
+    rng = random.Random(0)
+    vocab = hf.config.vocab_size
+    lengths = [1, 15, 16, 17, 33] + [rng.randint(2, args.max_prompt) for _ in
+                                     range(args.prompts - 5)]
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=args.device)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=args.max_tokens)
+            expected.append(out[0, len(prompt):].tolist())
+    del hf
+    llm = LLMEngine(args.model, device=args.device, dtype=dtype, num_blocks=args.num_blocks,
+                    max_num_seqs=args.prompts, max_num_batched_tokens=128)
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    got = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    agree = [_common_prefix(a, b) for a, b in zip(got, expected)]
+    identical = sum(n == args.max_tokens for n in agree)
+
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=42, max_tokens=16)
+    alone = llm.generate([prompts[3]], seeded, use_tqdm=False)[0].token_ids
+    for i, prompt in enumerate(prompts[4:10]):     # seeded and unseeded neighbours
+        llm.add_request(f"other-{i}", prompt, SamplingParams(
+            temperature=1.0, seed=i if i % 2 else None, max_tokens=16))
+    llm.add_request("seeded", prompts[3], seeded)
+    busy: list[int] = []
+    while llm.has_unfinished():
+        for out in llm.step():
+            if out.request_id == "seeded":
+                busy += out.token_ids
+    print(json.dumps(dict(check="parity", model=str(args.model), device=args.device,
+                          dtype=dtype, backend=_backend(llm), prompts=len(prompts),
+                          max_tokens=args.max_tokens, identical=identical,
+                          agreeing_prefix=agree, seeded_alone_equals_busy=alone == busy)))
+    return identical, len(prompts), alone == busy
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _backend(llm) -> str:
+    import kernels
+    name = kernels.get_backend()
+    return name if name != "auto" else ("triton" if llm.runner.device.type == "cuda"
+                                        else "reference")
+
+
+def random_llama(args: argparse.Namespace) -> bool:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from)
+    hidden, layers, heads, kv_heads, intermediate = LLAMA_SIZES[args.size]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, dtype=args.dtype)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype)).eval()
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps(dict(check="random-llama", out=str(args.out), size=args.size,
+                          parameters=params, dtype=args.dtype)))
+    return True
+
+
+def serve(args: argparse.Namespace) -> bool:
+    import requests
+    import yaml
+
+    from scripts.build_archives import archive_cmd
+    from scripts.serve import free_ports, start_server, stop_server
+    run_dir = Path(args.run_dir).resolve()
+    store = run_dir / "archives"
+    store.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((ROOT / "config" / "llm.model-config.yaml").read_text())
+    config["handler"].update(model_path=str(Path(args.model).resolve()), device=args.device,
+                             dtype=args.dtype)
+    with tempfile.TemporaryDirectory() as stage:
+        path = Path(stage) / "llm.model-config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        (Path(stage) / "files").mkdir()
+        subprocess.run(archive_cmd("llm", ROOT / "handlers" / "continuous_batching.py", path,
+                                   Path(stage) / "files", store), check=True)
+    start = time.monotonic()
+    server = start_server(store, ("llm",), run_dir / "server", ports=free_ports(),
+                          timeout_s=args.timeout)
+    ready_s = time.monotonic() - start
+    try:
+        url = f"{server.url()}/predictions/llm"
+        body = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+        whole = requests.post(url, json=body, headers=server.headers(), timeout=120)
+        streamed = requests.post(url, json={**body, "stream": True}, headers=server.headers(),
+                                 stream=True, timeout=120)
+        chunks = [json.loads(line) for line in streamed.iter_lines() if line]
+        text = whole.json().get("text", "") if whole.ok else ""
+        stream_text = "".join(c.get("text", "") for c in chunks)
+        worker_log = (server.run_dir / "logs" / "model_log.log")
+        backend_lines = [line for line in worker_log.read_text(errors="replace").splitlines()
+                         if "kernels backend" in line] if worker_log.exists() else []
+        result = dict(check="serve", device=args.device, dtype=args.dtype,
+                      ready_s=round(ready_s, 1), status=whole.status_code, text=text,
+                      stream_chunks=len(chunks), stream_equals_whole=stream_text == text,
+                      backend_log=backend_lines[-1:])
+    finally:
+        stop_server(server.run_dir)
+    print(json.dumps(result))
+    return whole.ok and bool(text) and stream_text == text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    par = sub.add_parser("parity")
+    par.add_argument("--model", type=Path, required=True)
+    par.add_argument("--device", default="cuda")
+    par.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    par.add_argument("--prompts", type=int, default=16)
+    par.add_argument("--max-prompt", type=int, default=300)
+    par.add_argument("--max-tokens", type=int, default=32)
+    par.add_argument("--num-blocks", type=int, default=1024)
+    rl = sub.add_parser("random-llama")
+    rl.add_argument("--out", type=Path, required=True)
+    rl.add_argument("--size", choices=sorted(LLAMA_SIZES), default="1b")
+    rl.add_argument("--tokenizer-from", type=Path, required=True)
+    rl.add_argument("--device", default="cuda")
+    rl.add_argument("--dtype", default="bfloat16")
+    sv = sub.add_parser("serve")
+    sv.add_argument("--model", type=Path, required=True)
+    sv.add_argument("--device", default="cuda")
+    sv.add_argument("--dtype", default="bfloat16")
+    sv.add_argument("--run-dir", type=Path, required=True)
+    sv.add_argument("--timeout", type=float, default=240)
+    args = p.parse_args(argv)
+    ok = {"parity": parity, "random-llama": random_llama, "serve": serve}[args.command](args)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
