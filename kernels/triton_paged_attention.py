@@ -1,11 +1,14 @@
 """Triton paged attention over one flat batch of prefill chunks and decode rows, with GQA.
 
 Same signature and semantics as ``paged_attention_reference`` in ``kernels/reference.py``.
-One program computes a tile of ``BLOCK_Q`` query tokens of one sequence times the query heads
-that share one KV head (the group, padded to a power of two), so decode rows with small groups
-still give ``tl.dot`` at least 16 rows. Programs find their sequence by binary search over
-``query_start_loc``, so the launch needs no device-to-host copy. Long decode contexts may be
-split across programs (flash-decoding) and merged by log-sum-exp in a second kernel.
+One program computes a tile of ``ROWS`` rows: ``block_q`` query tokens of one sequence times
+the query heads that share one KV head (the group, padded to a power of two), so decode rows
+with small groups still give ``tl.dot`` at least 16 rows. Programs find their sequence by
+binary search over ``query_start_loc``, so the launch needs no device-to-host copy. Long
+decode contexts may be split across programs (flash-decoding) and merged by log-sum-exp in a
+second kernel. Only the tile shape and dtypes are compiled in; group, block size, head size and
+split count are runtime values, so the binaries are few and all checked by
+``kernels/triton_variants.py`` (``plan_attention`` is the one place that picks them).
 Importing this module imports triton; ``kernels/__init__.py`` only does so when it is used.
 """
 import functools
