@@ -94,7 +94,8 @@ class Sampler:
                 before >= _column(top_p, torch.float32, device)[:, None], 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
         if any(m > 0 for m in min_p):
-            floor = _column(min_p, torch.float32, device)[:, None] * probs.max(dim=-1, keepdim=True).values
+            floor = (_column(min_p, torch.float32, device)[:, None]
+                     * probs.max(dim=-1, keepdim=True).values)
             probs = probs.masked_fill(probs < floor, 0.0)
         return probs
 

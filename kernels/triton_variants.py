@@ -40,7 +40,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = tuple(range(16, MAX_HEAD_DIM + 1, 16))
 BLOCK_SIZES = (16, 32)
 GROUPS = tuple(range(1, 9))
-# Targets: (name, capability, SMs, max shared memory per block in bytes, opt-in).
+# Targets: name -> (compute capability, SMs, opt-in shared memory per block in bytes).
 TARGETS = {"sm_90": (90, 132, 232448), "sm_80": (80, 108, 166912)}
 NUM_KV_HEADS = 2
 CACHE_DIR = Path(os.environ.get("TORCHSERVE_LLM_CACHE", Path.home() / ".cache" / "torchserve-llm"))
@@ -235,10 +235,10 @@ def table(results: list[Variant]) -> str:
         groups = _spans(v.groups) if v.kinds != ["store"] else "any"
         numbers = ([v.registers, v.spill_stores, v.stack_bytes, v.shared_bytes]
                    if v.error is None else ["error"] * 4)
-        lines.append("| " + " | ".join(map(str, [
-            v.kernel.removesuffix("_kernel"), ", ".join(v.kinds), v.dtype, _spans(v.head_dims), groups,
-            _spans(v.block_sizes), consts, v.options.get("num_warps"), v.target, *numbers]))
-            + " |")
+        cells = [v.kernel.removesuffix("_kernel"), ", ".join(v.kinds), v.dtype,
+                 _spans(v.head_dims), groups, _spans(v.block_sizes), consts,
+                 v.options.get("num_warps"), v.target, *numbers]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 

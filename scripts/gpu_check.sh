@@ -62,7 +62,8 @@ if [ $DRY = 1 ]; then
 else
   DEVICE=cuda; LOW=bfloat16; export KERNELS_BACKEND=triton
 fi
-echo "gpu_check $(date -u +%FT%TZ) dry_run=$DRY device=$DEVICE commit=$(git rev-parse --short HEAD 2>/dev/null)" > "$SUMMARY"
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+echo "gpu_check $(date -u +%FT%TZ) dry_run=$DRY device=$DEVICE commit=$COMMIT" > "$SUMMARY"
 
 # step NAME CAP_S COMMAND...: runs COMMAND (a function) under the smaller of its cap and the
 # time left, logs to DIR/NAME.log, records the outcome; later steps still run after a failure.
