@@ -58,7 +58,7 @@ FAILED=0
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if [ $DRY = 1 ]; then
-  DEVICE=cpu; LOW=float32; export KERNELS_BACKEND=reference
+  DEVICE=cpu; LOW=bfloat16; export KERNELS_BACKEND=reference
 else
   DEVICE=cuda; LOW=bfloat16; export KERNELS_BACKEND=triton
 fi
