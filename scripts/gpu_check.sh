@@ -29,9 +29,9 @@
 # scripts/make_smollm2.py (which fetches its GGUF wheel from the index). ~8 GB of disk.
 set -uo pipefail
 
-# Script paths: the benchmarks are moving to bench/ on another branch; fix these when merging.
-BENCH_KERNELS=scripts/bench_kernels.py
-BENCH_OFFLINE=scripts/bench_offline.py
+# The scripts each step runs, in one place.
+BENCH_KERNELS=bench/kernels.py
+BENCH_OFFLINE=bench/offline.py
 MAKE_SMOLLM2=scripts/make_smollm2.py
 MAKE_TINY=scripts/make_default_model.py
 GPU_STEPS=scripts/gpu_check.py
