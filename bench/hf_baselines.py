@@ -65,7 +65,7 @@ def _collect(manager, requests: list[Request], res: SystemResult | None) -> list
     done = {}
     with tqdm(total=len(requests), desc="hf_cb", unit="req", disable=res is None) as bar:
         while len(done) < len(requests):
-            out = manager.get_result(timeout=120)
+            out = manager.get_result(timeout=600)     # a long request on a busy CPU
             if out is None:
                 raise RuntimeError(f"transformers CB stalled with {len(done)}/{len(requests)} done")
             if out.error is not None:
