@@ -83,10 +83,10 @@ def in_process_table(ours: list[dict], peer: list[dict]) -> list[dict]:
     return rows
 
 
-def served_workloads(streams: list[int], vocab: int, prompt_mean: int, output_mean: int,
-                     seed: int) -> dict[int, list[Request]]:
-    """Per stream count: 2 requests per stream (at least 4), mixed lengths, seeded."""
-    return {n: make_workload(max(4, 2 * n), vocab, 1024, seed=seed + n,
+def served_workloads(streams: list[int], per_stream: int, vocab: int, prompt_mean: int,
+                     output_mean: int, seed: int) -> dict[int, list[Request]]:
+    """Per stream count: ``per_stream`` requests per stream (at least 4), mixed lengths."""
+    return {n: make_workload(max(4, per_stream * n), vocab, 1024, seed=seed + n,
                              prompt_mean=prompt_mean, output_mean=output_mean)
             for n in streams}
 
@@ -171,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", default="1,8,64")
     p.add_argument("--prompt-mean", type=int, default=128, help="served workload")
     p.add_argument("--output-mean", type=int, default=64, help="served workload")
+    p.add_argument("--requests-per-stream", type=int, default=2, help="served workload")
     p.add_argument("--threads", type=int, default=1, help="compute threads, each side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", help="our kernels backend (auto, reference)")
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_serve:
         from transformers import AutoConfig
         vocab = AutoConfig.from_pretrained(model_path).vocab_size
-        workloads = served_workloads(streams, vocab, args.prompt_mean, args.output_mean,
-                                     args.seed)
+        workloads = served_workloads(streams, args.requests_per_stream, vocab,
+                                     args.prompt_mean, args.output_mean, args.seed)
         served_ours = serve_ours(model_path, workloads, args.threads)
         served_peer = {} if bin_dir is None else serve_llama(bin_dir, gguf, workloads,
                                                              args.threads)
