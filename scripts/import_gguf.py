@@ -18,6 +18,8 @@ if __package__ in (None, ""):  # run as a script: make `scripts.` importable fro
 import argparse
 import shutil
 import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -26,6 +28,22 @@ from tqdm import tqdm
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _MARK = "\u2063assistant-reply\u2063"    # a reply text no template rewrites
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` that replaces ``out`` whole when the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield stage
+        stage.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def gguf_architecture(path: Path) -> str:
@@ -90,21 +108,12 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=eos_ids(tokenizer),
                                   pad_token_id=tokenizer.pad_token_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_dir(out) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
         generation.save_pretrained(stage)
-        stage.chmod(0o755)
         for file in stage.iterdir():
             file.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     done("saved")
     steps.close()
     return out

