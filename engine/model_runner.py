@@ -39,6 +39,7 @@ class ModelRunner:
         if config.num_threads is not None:          # process-wide: threads started later follow
             torch.set_num_threads(config.num_threads)
         self.model: CausalLM = load_model(model_path, self.dtype, config.device, max_model_len)
+        self.model.pack()
         self.sampler = Sampler(eos_token_ids)
         self.num_blocks = self._size_pool()
         assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"

@@ -4,9 +4,11 @@
 The backend is ``auto`` (Triton for CUDA tensors when triton is installed; for CPU tensors the
 compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch reference), ``triton``
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
-``linear`` is the model's linear layer: the compiled streaming kernel for a few CPU rows under
-``auto``, ``torch.nn.functional.linear`` otherwise; ``rms_norm`` and ``rotary`` are compiled
-CPU versions of those layers, called by the model where ``compiled_cpu`` says so.
+``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
+applies (fp32 on CPU under ``auto``) and ``linear_packed`` runs the layer on it; elsewhere the
+model keeps ``torch.nn.functional.linear``. ``rms_norm`` (with the residual add fused in),
+``silu_mul`` and ``rotary`` are compiled CPU versions of those layers, called by the model
+where ``compiled_cpu`` says so.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -15,20 +17,19 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 from kernels import cpu_build
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "compiled_cpu", "get_backend", "linear", "paged_attention", "rms_norm",
-           "rotary", "set_backend", "store_kv"]
+__all__ = ["BACKENDS", "compiled_cpu", "get_backend", "linear_packed", "pack_linear",
+           "paged_attention", "rms_norm", "rotary", "set_backend", "silu_mul", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
 _has_triton = importlib.util.find_spec("triton") is not None
 _backend = "auto"
 _triton_fns = None      # (store_kv_triton, paged_attention_triton) once imported
-_cpu_fns = None     # (paged_attention_cpu, linear_cpu, store_kv_cpu) once built; () if not
+_cpu_fns = None     # (paged_attention_cpu, linear_packed_cpu, store_kv_cpu) once built; () if not
 _logged: set[bool] = set()      # choices (use triton or not) already logged since set_backend
 
 
@@ -73,11 +74,19 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                      query_start_loc, scale)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x`` of shape ``[tokens, in_features]``."""
-    if _use_cpu(x):
-        return _cpu_fns[1](x, weight, bias)
-    return F.linear(x, weight, bias)
+def pack_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight [out, in]`` packed for ``linear_packed``, or None where the compiled kernel does
+    not apply (not fp32, not on CPU, another backend forced, or the kernels did not build)."""
+    if weight.dtype != torch.float32 or not _use_cpu(weight):
+        return None
+    from kernels.cpu_linear import pack
+    return pack(weight)
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x [..., in]`` and ``packed = pack_linear(weight)``."""
+    return _cpu_fns[1](x, packed, out_features, bias)
 
 
 def compiled_cpu(t: torch.Tensor) -> bool:
@@ -85,9 +94,16 @@ def compiled_cpu(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and _use_cpu(t)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``)."""
-    return torch.ops.tsllm_cpu.rms_norm(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``);
+    given ``residual``, of ``residual + x``, which is stored back into ``residual``."""
+    return torch.ops.tsllm_cpu.rms_norm(x, weight, eps, residual)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Compiled ``silu(gate) * up`` of contiguous fp32 rows ``[gate | up]`` (``compiled_cpu``)."""
+    return torch.ops.tsllm_cpu.silu_mul(gate_up)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -105,8 +121,8 @@ def _use_cpu(t: torch.Tensor) -> bool:
         _cpu_fns = ()
         if cpu_build.load():
             from kernels.cpu_attention import paged_attention_cpu, store_kv_cpu
-            from kernels.cpu_linear import linear_cpu
-            _cpu_fns = (paged_attention_cpu, linear_cpu, store_kv_cpu)
+            from kernels.cpu_linear import linear_packed_cpu
+            _cpu_fns = (paged_attention_cpu, linear_packed_cpu, store_kv_cpu)
             _log.info("kernels backend: compiled CPU kernels (requested auto, device cpu)")
     return bool(_cpu_fns)
 

@@ -17,7 +17,7 @@ def store_kv_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write each token's K/V into its cache slot; slots of -1 are skipped."""
     if (key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
-            and slot_mapping.dtype == torch.long):
+            and slot_mapping.dtype in (torch.int32, torch.long)):
         torch.ops.tsllm_cpu.store_kv(key.contiguous(), value.contiguous(), k_cache, v_cache,
                                      slot_mapping)
     else:

@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["cache_dir", "load"]
 
-SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "norm_rope.cpp")
+SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "norm_rope.cpp", "activation.cpp")
 HEADERS = ("vec.h", "paged_decode.h")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")     # FMAs only where written
 _SRC = Path(__file__).resolve().parent / "cpu"

@@ -1,22 +1,31 @@
-"""Linear layers of decode-sized CPU batches through the compiled kernel (``cpu/linear.cpp``).
+"""fp32 linear layers on CPU through the compiled kernel of ``cpu/linear.cpp``, any row count.
 
-With a handful of rows a linear layer only has to read its weight once: torch's GEMM (MKL)
-reaches about two thirds of the memory bandwidth there, the streaming kernel all of it
-(SmolLM2's layer matrices, one thread: 1 row 0.79x MKL's time, 8 rows 0.65x, 16 rows 0.76x,
-32 rows 0.90x, 64 rows 0.97x). Above ``MAX_ROWS`` rows (prefill chunks) torch's GEMM keeps
-the layer, as it keeps every non-fp32 or non-contiguous case.
+The weight ``[out, in]`` is packed once, at load, into panels of 16 outputs stored input-major
+(``pack``); the kernel then reads it as one sequential stream with every load feeding FMAs
+for up to six rows at a time. Measured on SmolLM2's matrices (one thread, this project's AMD
+EPYC; docs/benchmarks.md): 1 row 0.8x MKL's time (12.7 GB/s, the machine's read bandwidth),
+8 rows 0.45x, 64 rows 0.8x, 512 rows 0.93x, so prefill chunks use it too.
 """
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "linear_cpu"]
+__all__ = ["PANEL", "linear_packed_cpu", "pack"]
 
-MAX_ROWS = 64
+PANEL = 16      # outputs per panel, as kPanel in cpu/linear.cpp
 
 
-def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x`` of shape ``[rows, in_features]``."""
-    if (x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.float32
-            and x.is_contiguous() and weight.is_contiguous()):
-        return torch.ops.tsllm_cpu.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [n, k]`` as ``[ceil(n / 16), k, 16]``: panel p holds outputs 16p..16p+15 (zeros
+    past n), input-major."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - n))
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear_packed_cpu(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``x [..., in]`` and ``packed = pack(W)``."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.tsllm_cpu.linear_packed(rows, packed, out_features, bias)
+    return y.view(*x.shape[:-1], out_features)

@@ -37,24 +37,46 @@ class DecoderSpec:
 
 
 class Linear(torch.nn.Linear):
-    """``nn.Linear`` through ``kernels.linear``: small CPU decode steps use the compiled GEMV."""
+    """``nn.Linear`` that, once ``pack`` has run, keeps only its packed weight for
+    ``kernels.linear_packed`` (fp32 on CPU); ``F.linear`` elsewhere."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("packed", None, persistent=False)
+
+    def pack(self) -> None:
+        """Replace the weight by its packed form where the compiled kernel applies."""
+        packed = kernels.pack_linear(self.weight)
+        if packed is not None:
+            self.packed = packed
+            self.weight = None      # a tied weight stays with its other owner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            return kernels.linear_packed(x, self.packed, self.out_features, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(torch.nn.Module):
+    """RMSNorm; given the residual stream, it first adds ``x`` into it (in place) and
+    normalizes the sum, returning both, as the decoder layers chain them."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.dim() == 2 and x.is_contiguous() and kernels.compiled_cpu(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
+            out = kernels.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual.add_(x)
+            x = residual
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        out = self.weight * xf.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 class SelfAttention(torch.nn.Module):
@@ -91,7 +113,10 @@ class MLP(torch.nn.Module):
                                          bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if kernels.compiled_cpu(gate_up):
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -103,10 +128,14 @@ class DecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rot, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor,
+                rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's output, not yet added into ``residual``; returns this
+        layer's the same way (the adds are fused into the norms that follow them)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rot, meta), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(torch.nn.Module):
@@ -121,11 +150,12 @@ class DecoderModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        residual = self.embed_tokens(input_ids)
+        x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
         for layer in self.layers:
-            x = layer(x, rot, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rot, meta)
+        return self.norm(x, residual)[0]
 
 
 class CausalLM(torch.nn.Module):
@@ -142,6 +172,12 @@ class CausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
+
+    def pack(self) -> None:
+        """Pack every linear layer's weight for the compiled CPU kernel (after loading)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

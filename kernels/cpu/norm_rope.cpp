@@ -2,7 +2,7 @@
 // ops a decode step would dispatch per layer for them.
 //
 // Owns `tsllm_cpu::rms_norm` (fp32 rows: w * (x * rsqrt(mean(x^2) + eps)), rounded as torch
-// rounds it; only the sum's order differs) and `tsllm_cpu::rotary` (rotate-half convention on
+// rounds it; only the sum's order differs; optionally after adding x into the residual stream) and `tsllm_cpu::rotary` (rotate-half convention on
 // the queries and keys of a step, bit-identical to x * cos + rotate_half(x) * sin: this file is
 // built without FMA contraction).
 #include <ATen/ATen.h>
@@ -16,10 +16,19 @@
 
 namespace {
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+// y = w * (h * rsqrt(mean(h^2) + eps)) with h = x, or, given a residual, h = residual + x
+// stored back into the residual (the decoder's residual add fused into its next norm).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    const c10::optional<at::Tensor>& residual) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
                 weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                 weight.numel() == x.size(1), "rms_norm: contiguous fp32 [rows, n], weight [n]");
+    float* rp = nullptr;
+    if (residual.has_value() && residual->defined()) {
+        TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == at::kFloat, "rms_norm: residual like x");
+        rp = residual->data_ptr<float>();
+    }
     const int64_t rows = x.size(0), n = x.size(1);
     at::Tensor y = at::empty_like(x);
     const float* xp = x.data_ptr<float>();
@@ -27,10 +36,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-            const float* xr = xp + r * n;
-            const float mean = vec::dot(xr, xr, n) / static_cast<float>(n);
+            const float* h = xp + r * n;
+            if (rp) {
+                float* res = rp + r * n;
+                for (int64_t i = 0; i < n; ++i) res[i] += h[i];
+                h = res;
+            }
+            const float mean = vec::dot(h, h, n) / static_cast<float>(n);
             const float inv = 1.f / std::sqrt(mean + static_cast<float>(eps));
-            for (int64_t i = 0; i < n; ++i) yp[r * n + i] = wp[i] * (xr[i] * inv);
+            for (int64_t i = 0; i < n; ++i) yp[r * n + i] = wp[i] * (h[i] * inv);
         }
     });
     return y;
@@ -74,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
-    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual=None) -> Tensor");
     m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
     m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
     m.impl("rotary", c10::DispatchKey::CPU, &rotary);

@@ -1,6 +1,7 @@
 """The compiled CPU kernels against the PyTorch reference and a dense oracle: paged decode
 attention (mixed with prefill chunks, GQA groups, head sizes off the vector width, fp16/bf16,
-blocks in random places), the KV store (skipped slots) and the skinny linear layer; plus the
+blocks in random places), the KV store (skipped slots, int32 and int64 slots) and the packed
+linear layer (every row count of the micro-kernel's tiles, partial panels, bias); plus the
 build cache and the fallback when no compiler is found."""
 import logging
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.skipif(not cpu_build.load(), reason="no C++ compiler fo
 
 def _cpu():
     from kernels.cpu_attention import paged_attention_cpu, store_kv_cpu
-    from kernels.cpu_linear import linear_cpu
-    return paged_attention_cpu, store_kv_cpu, linear_cpu
+    from kernels.cpu_linear import linear_packed_cpu
+    return paged_attention_cpu, store_kv_cpu, linear_packed_cpu
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size", [
@@ -75,13 +76,35 @@ def test_store_kv_matches_reference_and_skips_minus_one() -> None:
     assert (ours[0].view(-1, 3, 64)[[1, 2, 3, 4]] == 7.0).all()     # untouched slots
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 65])
-@pytest.mark.parametrize("n,k,bias", [(96, 576, False), (30, 37, True), (1, 8, True)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 17, 60, 61, 64, 130])
+@pytest.mark.parametrize("n,k,bias", [(96, 576, False), (30, 37, True), (1, 8, True),
+                                      (49, 1, False)])
 def test_linear_matches_torch(rows: int, n: int, k: int, bias: bool) -> None:
+    from kernels.cpu_linear import pack
     gen = torch.Generator().manual_seed(rows * n + k)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
-    torch.testing.assert_close(_cpu()[2](x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(_cpu()[2](x, pack(w), n, b), F.linear(x, w, b), atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_linear_packed_keeps_leading_dims_and_refuses_a_mismatched_pack() -> None:
+    from kernels.cpu_linear import pack
+    x, w = torch.randn(2, 3, 40), torch.randn(20, 40)
+    torch.testing.assert_close(_cpu()[2](x, pack(w), 20, None), F.linear(x, w), atol=1e-4,
+                               rtol=1e-5)
+    with pytest.raises(RuntimeError, match="packed weight"):
+        _cpu()[2](torch.randn(2, 41), pack(w), 20, None)
+
+
+def test_store_accepts_int32_slots() -> None:
+    key, value = torch.randn(3, 3, 64), torch.randn(3, 3, 64)
+    caches = [torch.zeros(4, 16, 3, 64) for _ in range(4)]
+    slots = torch.tensor([5, -1, 40])
+    _cpu()[1](key, value, caches[0], caches[1], slots.int())
+    _cpu()[1](key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert torch.equal(caches[0].view(-1, 3, 64)[40], key[2])
 
 
 def test_auto_on_cpu_dispatches_to_the_compiled_kernels(monkeypatch) -> None:
@@ -104,7 +127,9 @@ def test_auto_on_cpu_dispatches_to_the_compiled_kernels(monkeypatch) -> None:
             out = kernels.paged_attention(**batch)
             kernels.store_kv(torch.ones(1, 1, 16), torch.ones(1, 1, 16), batch["k_cache"],
                              batch["v_cache"], torch.tensor([3]))
-            kernels.linear(torch.randn(2, 8), torch.randn(4, 8), None)
+            packed = kernels.pack_linear(torch.randn(4, 8))
+            if packed is not None:
+                kernels.linear_packed(torch.randn(2, 8), packed, 4, None)
             assert calls == expected
             torch.testing.assert_close(out, dense_attention(**make_batch(
                 [(1, 20), (2, 4)], 2, 1, 16, 16, torch.float32)), atol=2e-6, rtol=1e-5)
@@ -127,6 +152,26 @@ def test_rms_norm_matches_the_decoder_formula(rows: int) -> None:
     x, w = torch.randn(rows, 576, generator=gen) * 3, torch.randn(576, generator=gen)
     expected = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_rms_norm_adds_into_the_residual_first() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, res, w = (torch.randn(3, 576, generator=gen), torch.randn(3, 576, generator=gen),
+                 torch.randn(576, generator=gen))
+    total = res + x
+    expected = w * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5))
+    got = kernels.rms_norm(x, w, 1e-5, res)
+    assert torch.equal(res, total)      # the residual stream now holds the sum, bit for bit
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("width", [1536, 13])       # vector body, and a scalar tail only
+def test_silu_mul_matches_torch(width: int) -> None:
+    gate_up = torch.randn(5, 2 * width, generator=torch.Generator().manual_seed(width)) * 6
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])      # exp's clamps
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6,
+                               rtol=1e-6)
 
 
 def test_rotary_is_bit_identical_to_rotate_half() -> None:
