@@ -7,8 +7,8 @@ or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_back
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
 applies (fp32 on CPU under ``auto``) and ``linear_packed`` runs the layer on it; elsewhere the
 model keeps ``torch.nn.functional.linear``. ``rms_norm`` (with the residual add fused in),
-``silu_mul`` and ``rotary`` are compiled CPU versions of those layers, called by the model
-where ``compiled_cpu`` says so.
+``silu_mul`` and ``rotary`` are compiled CPU versions of those layers, and ``decoder_layer``
+runs a whole layer of packed weights through them in one call (the model's CPU fp32 path).
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -21,7 +21,7 @@ import torch
 from kernels import cpu_build
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "compiled_cpu", "get_backend", "linear_packed", "pack_linear",
+__all__ = ["BACKENDS", "compiled_cpu", "decoder_layer", "get_backend", "linear_packed", "pack_linear",
            "paged_attention", "rms_norm", "rotary", "set_backend", "silu_mul", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -99,6 +99,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``);
     given ``residual``, of ``residual + x``, which is stored back into ``residual``."""
     return torch.ops.tsllm_cpu.rms_norm(x, weight, eps, residual)
+
+
+def decoder_layer(x: torch.Tensor, residual: torch.Tensor, weights: list[torch.Tensor],
+                  extras: list[torch.Tensor | None], sizes: list[int], eps: float,
+                  rot: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                  heads: tuple[int, int, int]) -> torch.Tensor:
+    """One whole decoder layer in one compiled call (``cpu/decoder_layer.cpp`` lists the
+    arguments); ``residual`` gains ``x`` and the attention output in place; returns the MLP's
+    output. ``heads`` is (query heads, KV heads, head dim)."""
+    return torch.ops.tsllm_cpu.decoder_layer(x, residual, weights, extras, sizes, eps, *rot,
+                                             k_cache, v_cache, slot_mapping, block_tables,
+                                             seq_lens, query_start_loc, scale, *heads)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

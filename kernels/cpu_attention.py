@@ -2,13 +2,13 @@
 
 Every decode row of the step (query length 1) goes through one compiled call per layer that
 reads each sequence's K/V blocks in place with an online softmax; prefill chunks (query length
-> 1) keep the reference's SDPA per sequence, where a GEMM-shaped kernel is what pays. Same
-signature and result as ``kernels.reference.paged_attention_reference``. The store writes
+> 1) get the reference's gather and SDPA per sequence, in C++, where a GEMM-shaped kernel is
+what pays. Same signature and result as ``kernels.reference.paged_attention_reference``. The store writes
 each token's K/V rows into their slots in one compiled loop (``cpu/store_kv.cpp``).
 """
 import torch
 
-from kernels.reference import paged_attention_reference, store_kv_reference
+from kernels.reference import store_kv_reference
 
 __all__ = ["paged_attention_cpu", "store_kv_cpu"]
 
@@ -32,11 +32,6 @@ def paged_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     torch.ops.tsllm_cpu.paged_decode(query, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_loc, scale, out)
     if query.shape[0] > seq_lens.shape[0]:      # some sequence has a prefill chunk
-        starts = query_start_loc.tolist()
-        for i in range(seq_lens.shape[0]):
-            start, end = starts[i], starts[i + 1]
-            if end - start > 1:
-                out[start:end] = paged_attention_reference(
-                    query[start:end], k_cache, v_cache, block_tables[i:i + 1],
-                    seq_lens[i:i + 1], query_start_loc.new_tensor([0, end - start]), scale)
+        torch.ops.tsllm_cpu.paged_prefill(query, k_cache, v_cache, block_tables, seq_lens,
+                                          query_start_loc, scale, out)
     return out

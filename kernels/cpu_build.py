@@ -16,8 +16,9 @@ import torch
 
 __all__ = ["cache_dir", "load"]
 
-SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "norm_rope.cpp", "activation.cpp")
-HEADERS = ("vec.h", "paged_decode.h")
+SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "norm_rope.cpp", "activation.cpp",
+           "decoder_layer.cpp")
+HEADERS = ("vec.h", "paged_decode.h", "ops.h")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")     # FMAs only where written
 _SRC = Path(__file__).resolve().parent / "cpu"
 _log = logging.getLogger("kernels")

@@ -113,26 +113,49 @@ class MLP(torch.nn.Module):
                                          bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if kernels.compiled_cpu(gate_up):
-            return self.down_proj(kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(torch.nn.Module):
+    """Pre-norm attention + gated MLP. Once ``pack`` has packed its weights (fp32 on CPU) the
+    whole layer runs as one ``kernels.decoder_layer`` call, with the same arithmetic as the
+    modules one by one; elsewhere it runs module by module."""
+
     def __init__(self, spec: DecoderSpec, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = SelfAttention(spec, rope)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
+        self.compiled: tuple | None = None   # (weights, extras, sizes) for kernels.decoder_layer
+
+    def pack(self) -> None:
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        for linear in linears:
+            linear.pack()
+        if any(linear.packed is None for linear in linears):
+            return
+        weights = [self.input_layernorm.weight, attn.qkv_proj.packed, attn.o_proj.packed,
+                   self.post_attention_layernorm.weight, mlp.gate_up_proj.packed,
+                   mlp.down_proj.packed]
+        norms = [None if n is None else n.weight for n in (attn.q_norm, attn.k_norm)]
+        extras = [linear.bias for linear in linears] + norms
+        self.compiled = (weights, extras, [linear.out_features for linear in linears])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor,
                 rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` is the previous layer's output, not yet added into ``residual``; returns this
         layer's the same way (the adds are fused into the norms that follow them)."""
+        if self.compiled is not None:
+            a = self.self_attn.attn
+            out = kernels.decoder_layer(
+                x, residual, *self.compiled, self.input_layernorm.eps, rot, a.k_cache,
+                a.v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                meta.query_start_loc, a.scale, (a.num_heads, a.num_kv_heads, a.head_dim))
+            return out, residual
         h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, rot, meta), residual)
         return self.mlp(h), residual
@@ -174,10 +197,10 @@ class CausalLM(torch.nn.Module):
         return self.model(input_ids, positions, meta)
 
     def pack(self) -> None:
-        """Pack every linear layer's weight for the compiled CPU kernel (after loading)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack()
+        """Pack every linear layer's weight for the compiled CPU kernels (after loading)."""
+        for layer in self.model.layers:
+            layer.pack()
+        self.lm_head.pack()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

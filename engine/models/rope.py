@@ -3,8 +3,6 @@ import math
 
 import torch
 
-import kernels
-
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Per-pair rotation frequencies; ``scaling`` is the checkpoint's ``rope_scaling`` dict."""
@@ -47,8 +45,6 @@ class RotaryEmbedding(torch.nn.Module):
         """q ``[tokens, heads, dim]``, k ``[tokens, kv_heads, dim]``, ``rot`` from ``table``;
         rotate-half convention."""
         cos, sin = rot
-        if kernels.compiled_cpu(q):
-            return kernels.rotary(q, k, cos, sin)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -7,11 +7,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <cmath>
 
 #include "vec.h"
 
-namespace {
+namespace tsllm {
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
     TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() &&
@@ -42,9 +44,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     return y;
 }
 
-}  // namespace
+}  // namespace tsllm
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
     m.def("silu_mul(Tensor gate_up) -> Tensor");
-    m.impl("silu_mul", c10::DispatchKey::CPU, &silu_mul);
+    m.impl("silu_mul", c10::DispatchKey::CPU, &tsllm::silu_mul);
 }

@@ -11,11 +11,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
 
-namespace {
+namespace tsllm {
 
 constexpr int64_t kPanel = 16;       // outputs per panel: two AVX2 vectors
 constexpr int64_t kMaxRows = 6;      // rows per micro-kernel tile: 12 accumulators
@@ -77,7 +79,7 @@ inline void tile(const float* x, int64_t k, const float* panel, const float* bia
 #endif
 }
 
-void tile_rows(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias,
+static void tile_rows(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias,
                int64_t cols, float* y, int64_t ldy) {
     switch (rows) {
         case 1: return tile<1>(x, k, panel, bias, cols, y, ldy);
@@ -122,9 +124,9 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
     return y;
 }
 
-}  // namespace
+}  // namespace tsllm
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
     m.def("linear_packed(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
-    m.impl("linear_packed", c10::DispatchKey::CPU, &linear_packed);
+    m.impl("linear_packed", c10::DispatchKey::CPU, &tsllm::linear_packed);
 }

@@ -9,12 +9,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <cmath>
 #include <tuple>
 
 #include "vec.h"
 
-namespace {
+namespace tsllm {
 
 // y = w * (h * rsqrt(mean(h^2) + eps)) with h = x, or, given a residual, h = residual + x
 // stored back into the residual (the decoder's residual add fused into its next norm).
@@ -51,7 +53,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
 }
 
 // out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t]; out is contiguous.
-at::Tensor rotate(const at::Tensor& x, const float* cos, const float* sin) {
+static at::Tensor rotate(const at::Tensor& x, const float* cos, const float* sin) {
     const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
     at::Tensor out = at::empty({tokens, heads, dim}, x.options());
     const float* xp = x.data_ptr<float>();
@@ -85,11 +87,11 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
     return {rotate(q, c, s), rotate(k, c, s)};
 }
 
-}  // namespace
+}  // namespace tsllm
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual=None) -> Tensor");
-    m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+    m.impl("rms_norm", c10::DispatchKey::CPU, &tsllm::rms_norm);
     m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
-    m.impl("rotary", c10::DispatchKey::CPU, &rotary);
+    m.impl("rotary", c10::DispatchKey::CPU, &tsllm::rotary);
 }

@@ -1,19 +1,21 @@
 // Paged decode attention on CPU: every decode row of a step in one call, K/V read in place.
 //
-// Owns the `tsllm_cpu::paged_decode` op. For each sequence whose query length is 1 it walks the
-// block table and reads each cached K/V block where it lies (no gather copy), keeping an online
-// softmax per query head (paged_decode.h), so K and V are each read once per step. Rows of
-// longer queries (prefill chunks) are left untouched: the Python side attends them. Shapes and
-// conventions are those of kernels/reference.py.
+// Owns the `tsllm_cpu::paged_decode` and `tsllm_cpu::paged_prefill` ops. For each sequence
+// whose query length is 1, paged_decode walks the block table and reads each cached K/V block
+// where it lies (no gather copy), keeping an online softmax per query head (paged_decode.h), so
+// K and V are each read once per step. Rows of longer queries (prefill chunks) are attended by
+// paged_prefill, as the reference does them. Shapes and conventions are kernels/reference.py's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 #include <vector>
 
 #include "paged_decode.h"
 
-namespace {
+namespace tsllm {
 
 void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -61,10 +63,43 @@ void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::
     }
 }
 
-}  // namespace
+// Rows of query length > 1 (prefill chunks), one sequence at a time, as kernels/reference.py
+// does them: its blocks gathered, then SDPA with a bottom-right causal mask. Decode rows are
+// left untouched (paged_decode writes them).
+void paged_prefill(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                   const at::Tensor& query_start_loc, double scale, at::Tensor& out) {
+    const int64_t num_seqs = seq_lens.size(0), block_size = k_cache.size(1);
+    const int32_t* lens = seq_lens.data_ptr<int32_t>();
+    const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t start = starts[s], q_len = starts[s + 1] - start, ctx = lens[s];
+        if (q_len <= 1) continue;
+        const int64_t num = (ctx + block_size - 1) / block_size;
+        const at::Tensor ids = block_tables[s].narrow(0, 0, num).to(at::kLong).clamp_min(0);
+        auto gather = [&](const at::Tensor& cache) {
+            at::Tensor rows = cache.index_select(0, ids).flatten(0, 1).narrow(0, 0, ctx);
+            return rows.to(at::kFloat).transpose(0, 1).unsqueeze(0);
+        };
+        c10::optional<at::Tensor> mask;
+        if (q_len < ctx) {
+            const at::Tensor q_pos = at::arange(ctx - q_len, ctx, query.options().dtype(at::kLong));
+            mask = q_pos.unsqueeze(1) >= at::arange(ctx, q_pos.options()).unsqueeze(0);
+        }
+        const at::Tensor q = query.narrow(0, start, q_len).to(at::kFloat).transpose(0, 1).unsqueeze(0);
+        const at::Tensor o = at::scaled_dot_product_attention(
+            q, gather(k_cache), gather(v_cache), mask, 0.0, !mask.has_value(), scale, true);
+        out.narrow(0, start, q_len).copy_(o[0].transpose(0, 1));
+    }
+}
+
+}  // namespace tsllm
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
     m.def("paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
           "Tensor seq_lens, Tensor query_start_loc, float scale, Tensor(a!) out) -> ()");
-    m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
+    m.impl("paged_decode", c10::DispatchKey::CPU, &tsllm::paged_decode);
+    m.def("paged_prefill(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+          "Tensor seq_lens, Tensor query_start_loc, float scale, Tensor(a!) out) -> ()");
+    m.impl("paged_prefill", c10::DispatchKey::CPU, &tsllm::paged_prefill);
 }

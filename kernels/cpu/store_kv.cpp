@@ -6,9 +6,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <cstring>
 
-namespace {
+namespace tsllm {
 
 template <typename S>
 void copy_rows(const char* k, const char* v, char* kc, char* vc, const S* slot, int64_t tokens,
@@ -45,10 +47,10 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
         copy_rows(k, v, kc, vc, slot_mapping.data_ptr<int32_t>(), tokens, slots, bytes);
 }
 
-}  // namespace
+}  // namespace tsllm
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
     m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
           "Tensor slot_mapping) -> ()");
-    m.impl("store_kv", c10::DispatchKey::CPU, &store_kv);
+    m.impl("store_kv", c10::DispatchKey::CPU, &tsllm::store_kv);
 }
