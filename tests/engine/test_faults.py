@@ -73,8 +73,8 @@ def test_detokenizer_error_fails_its_request_alone(llm, clean, monkeypatch):
 @pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory (injected)"),
                                  RuntimeError("triton kernel launch failed (injected)")])
 def test_step_fault_fails_that_steps_requests_and_engine_goes_on(llm, clean, monkeypatch, exc):
-    attn = llm.runner.model.attention_layers()[-1]
-    real, calls = attn.forward, []
+    layer = llm.runner.model.model.layers[-1]
+    real, calls = layer.forward, []
 
     def forward(*args, **kwargs):       # fails in the 3rd step, after earlier layers wrote K/V
         calls.append(1)
@@ -82,7 +82,7 @@ def test_step_fault_fails_that_steps_requests_and_engine_goes_on(llm, clean, mon
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attn, "forward", forward)
+    monkeypatch.setattr(layer, "forward", forward)
     for i, prompt in enumerate(PROMPTS):    # max_num_seqs 2: the third waits outside the batch
         llm.add_request(f"r{i}", prompt, GREEDY)
     results = {}
