@@ -19,7 +19,9 @@ __all__ = ["cache_dir", "load"]
 SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "norm_rope.cpp", "activation.cpp",
            "decoder_layer.cpp")
 HEADERS = ("vec.h", "paged_decode.h", "ops.h")
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")     # FMAs only where written
+# FMAs only where written; OpenMP so that at::parallel_for (inlined from ATen's headers) runs
+# on torch's intra-op threads: without it every op of the extension is single-threaded.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 _SRC = Path(__file__).resolve().parent / "cpu"
 _log = logging.getLogger("kernels")
 _state: dict[str, bool] = {}
@@ -58,7 +60,8 @@ def _build() -> bool:
         if not (out / "tsllm_cpu.so").exists():
             _log.info("building the CPU kernels into %s (first use on this machine)", out)
         cpp_extension.load("tsllm_cpu", [str(_SRC / s) for s in SOURCES],
-                           extra_cflags=list(CFLAGS), build_directory=str(out),
+                           extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
+                           build_directory=str(out),
                            is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
         detail = " | ".join(str(e).strip().splitlines()[-3:])
