@@ -5,8 +5,8 @@ Prints, in one run:
    at each ``--batches`` size: ``--prompt-len`` token prompts, decode throughput over
    ``--gen-len`` tokens, prefill throughput beside it, and the ratios.
 2. The batch-1 floor: weight bytes read per decoded token over the single-thread memory read
-   bandwidth measured here (the faster of torch's sum and our streaming kernel), against our
-   batch-1 TPOT.
+   bandwidth measured here just before our batch-1 run (the faster of torch's sum and our
+   streaming kernel), against our batch-1 TPOT.
 3. Served: TorchServe ``llm`` (NDJSON streaming) against ``llama-server`` (its streaming
    ``/completion`` route) on the same seeded workload (mixed prompt and output lengths, greedy,
    ignore_eos), ``--streams`` clients in a closed loop each: tok/s, TTFT, TPOT, end-to-end
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     bin_dir = gguf = None
     if not args.no_llama:
         bin_dir, gguf = llama_cpp.build(), llama_cpp.f32_gguf()
+    bws = read_bandwidth_gbs()      # just before our batch-1 run: this machine's speed drifts
     ours = run_engine(model_path, batches, args.prompt_len, args.gen_len, args.threads,
                       args.backend, args.seed, args.profile_dir)
     peer, report["llama_batched_bench_command"] = [], None
@@ -219,7 +220,6 @@ def main(argv: list[str] | None = None) -> dict:
     report["in_process"] = in_process_table(ours, peer)
     report["engine_rows"], report["llama_rows"] = ours, peer
 
-    bws = read_bandwidth_gbs()
     bw = max(bws.values())
     weight_bytes = weight_bytes_per_token(model_path)
     floor_ms = weight_bytes / bw / 1e6
