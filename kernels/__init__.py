@@ -6,9 +6,9 @@ compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch refer
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
 applies (fp32 on CPU under ``auto``) and ``linear_packed`` runs the layer on it; elsewhere the
-model keeps ``torch.nn.functional.linear``. ``rms_norm`` (with the residual add fused in),
-``silu_mul`` and ``rotary`` are compiled CPU versions of those layers, and ``decoder_layer``
-runs a whole layer of packed weights through them in one call (the model's CPU fp32 path).
+model keeps ``torch.nn.functional.linear``. ``decoder_layer`` runs a whole layer of packed
+weights through the compiled CPU ops in one call (the model's CPU fp32 path); ``rms_norm``
+(with the residual add fused in) is the compiled norm the model calls for its final norm.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -21,8 +21,8 @@ import torch
 from kernels import cpu_build
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "compiled_cpu", "decoder_layer", "get_backend", "linear_packed", "pack_linear",
-           "paged_attention", "rms_norm", "rotary", "set_backend", "silu_mul", "store_kv"]
+__all__ = ["BACKENDS", "compiled_cpu", "decoder_layer", "get_backend", "linear_packed",
+           "pack_linear", "paged_attention", "rms_norm", "set_backend", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
@@ -90,7 +90,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
 
 
 def compiled_cpu(t: torch.Tensor) -> bool:
-    """True where the model's fp32 CPU layers may call ``rms_norm`` and ``rotary``."""
+    """True where the model's fp32 CPU layers may call ``rms_norm``."""
     return t.dtype == torch.float32 and _use_cpu(t)
 
 
@@ -113,17 +113,6 @@ def decoder_layer(x: torch.Tensor, residual: torch.Tensor, weights: list[torch.T
     return torch.ops.tsllm_cpu.decoder_layer(x, residual, weights, extras, sizes, eps, *rot,
                                              k_cache, v_cache, slot_mapping, block_tables,
                                              seq_lens, query_start_loc, scale, *heads)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """Compiled ``silu(gate) * up`` of contiguous fp32 rows ``[gate | up]`` (``compiled_cpu``)."""
-    return torch.ops.tsllm_cpu.silu_mul(gate_up)
-
-
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compiled rotate-half rotary embedding of a step's queries and keys; contiguous results."""
-    return torch.ops.tsllm_cpu.rotary(q, k, cos, sin)
 
 
 def _use_cpu(t: torch.Tensor) -> bool:

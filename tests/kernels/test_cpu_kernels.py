@@ -170,7 +170,7 @@ def test_silu_mul_matches_torch(width: int) -> None:
     gate_up = torch.randn(5, 2 * width, generator=torch.Generator().manual_seed(width)) * 6
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])      # exp's clamps
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6,
+    torch.testing.assert_close(torch.ops.tsllm_cpu.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6,
                                rtol=1e-6)
 
 
@@ -181,6 +181,6 @@ def test_rotary_is_bit_identical_to_rotate_half() -> None:
     qkv = torch.randn(4, (9 + 2 * 3) * 64)             # q and k as views of a fused buffer
     q, k = qkv[:, :576].view(4, 9, 64), qkv[:, 576:768].view(4, 3, 64)
     cos, sin = rope.table(positions)
-    got_q, got_k = kernels.rotary(q, k, cos, sin)
+    got_q, got_k = torch.ops.tsllm_cpu.rotary(q, k, cos, sin)
     assert got_q.is_contiguous() and got_k.is_contiguous()
     assert torch.equal(got_q, _rotate(q, cos, sin)) and torch.equal(got_k, _rotate(k, cos, sin))
