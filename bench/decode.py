@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -32,7 +31,7 @@ import torch
 from bench import llama_cpp
 from bench.client import drive_streams, send
 from bench.engine_decode import run_engine
-from bench.metrics import SystemResult, machine
+from bench.metrics import SystemResult, machine, write_report
 from bench.models import ROOT, add_model_arg, resolve
 from bench.workload import Request, make_workload
 
@@ -243,9 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                              args.threads)
         report["llama_server_command"] = served_peer.pop("command", None)
         report["served"] = served_table(served_ours, served_peer)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.json, report)
     return report
 
 

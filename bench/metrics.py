@@ -2,9 +2,11 @@
 
 Owns the per-system record (``SystemResult``: wall time, tokens, per-token timestamps, batch and
 KV-cache samples, preemptions), the latency statistics derived from timestamps (TTFT, TPOT
-excluding the first token, ITL, end-to-end; mean/p50/p99 in ms) and the printed table. It
-never runs a model: benchmarks fill a ``SystemResult`` and hand it here.
+excluding the first token, ITL, end-to-end; mean/p50/p99 in ms), the printed table and the
+``--json`` report file. It never runs a model: benchmarks fill a ``SystemResult`` and hand it
+here.
 """
+import json
 import os
 import platform
 import resource
@@ -107,3 +109,10 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return dict(cpu=cpu, cores=os.cpu_count(), load_avg=os.getloadavg(),
                 date=time.strftime("%Y-%m-%d %H:%M %Z"))
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    """A benchmark's ``--json`` report (nothing when no path was given)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")

@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a script: make `bench.` and `scripts.` i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from bench.hf_baselines import load_hf, run_hf_cb, run_hf_static
-from bench.metrics import SystemResult, agreement, peak_rss_gib, print_table
+from bench.metrics import SystemResult, agreement, peak_rss_gib, print_table, write_report
 from bench.models import add_model_arg, resolve
 from bench.workload import Request, make_workload
 from engine import LLMEngine, SamplingParams
@@ -182,9 +181,7 @@ def _run(args: argparse.Namespace) -> dict:
     report = dict(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   model=str(model_path), threads=torch.get_num_threads(), targets=targets,
                   prompt_lens=prompts, systems=summaries, ratios=ratios, sanity=sanity)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.json, report)
     return report
 
 

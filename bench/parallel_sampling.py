@@ -20,12 +20,12 @@ if __package__ in (None, ""):  # run as a script: make `bench.` importable from 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 import random
 import time
 
 import torch
 
+from bench.metrics import write_report
 from bench.models import add_model_arg, resolve
 from engine import LLMEngine, SamplingParams
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
               "identical": same,
               "results": {k: {m: v for m, v in r.items() if m != "tokens"}
                           for k, r in results.items()}}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return report
 
 

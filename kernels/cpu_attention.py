@@ -3,8 +3,8 @@
 Every decode row of the step (query length 1) goes through one compiled call per layer that
 reads each sequence's K/V blocks in place with an online softmax; prefill chunks (query length
 > 1) get the reference's gather and SDPA per sequence, in C++, where a GEMM-shaped kernel is
-what pays. Same signature and result as ``kernels.reference.paged_attention_reference``. The store writes
-each token's K/V rows into their slots in one compiled loop (``cpu/store_kv.cpp``).
+what pays. Same signature and result as ``kernels.reference.paged_attention_reference``. The
+store writes each token's K/V rows into their slots in one compiled loop (``cpu/store_kv.cpp``).
 """
 import torch
 

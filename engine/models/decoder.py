@@ -66,7 +66,8 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if x.dim() == 2 and x.is_contiguous() and kernels.compiled_cpu(x):
             out = kernels.rms_norm(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)

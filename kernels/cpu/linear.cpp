@@ -79,8 +79,8 @@ inline void tile(const float* x, int64_t k, const float* panel, const float* bia
 #endif
 }
 
-static void tile_rows(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias,
-               int64_t cols, float* y, int64_t ldy) {
+static void tile_rows(int64_t rows, const float* x, int64_t k, const float* panel,
+                      const float* bias, int64_t cols, float* y, int64_t ldy) {
     switch (rows) {
         case 1: return tile<1>(x, k, panel, bias, cols, y, ldy);
         case 2: return tile<2>(x, k, panel, bias, cols, y, ldy);
@@ -101,7 +101,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
                 "linear_packed: packed weight [ceil(n / 16), k, 16] fp32 for x [m, k]");
     const float* bp = nullptr;
     if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == n,
                     "linear_packed: bias [n] fp32");
         bp = bias->data_ptr<float>();
     }

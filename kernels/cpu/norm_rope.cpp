@@ -2,9 +2,9 @@
 // ops a decode step would dispatch per layer for them.
 //
 // Owns `tsllm_cpu::rms_norm` (fp32 rows: w * (x * rsqrt(mean(x^2) + eps)), rounded as torch
-// rounds it; only the sum's order differs; optionally after adding x into the residual stream) and `tsllm_cpu::rotary` (rotate-half convention on
-// the queries and keys of a step, bit-identical to x * cos + rotate_half(x) * sin: this file is
-// built without FMA contraction).
+// rounds it; only the sum's order differs; optionally after adding x into the residual
+// stream) and `tsllm_cpu::rotary` (rotate-half convention on the queries and keys of a step,
+// bit-identical to x * cos + rotate_half(x) * sin: this file is built without FMA contraction).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

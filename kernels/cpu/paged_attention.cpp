@@ -86,7 +86,8 @@ void paged_prefill(const at::Tensor& query, const at::Tensor& k_cache, const at:
             const at::Tensor q_pos = at::arange(ctx - q_len, ctx, query.options().dtype(at::kLong));
             mask = q_pos.unsqueeze(1) >= at::arange(ctx, q_pos.options()).unsqueeze(0);
         }
-        const at::Tensor q = query.narrow(0, start, q_len).to(at::kFloat).transpose(0, 1).unsqueeze(0);
+        const at::Tensor q =
+            query.narrow(0, start, q_len).to(at::kFloat).transpose(0, 1).unsqueeze(0);
         const at::Tensor o = at::scaled_dot_product_attention(
             q, gather(k_cache), gather(v_cache), mask, 0.0, !mask.has_value(), scale, true);
         out.narrow(0, start, q_len).copy_(o[0].transpose(0, 1));

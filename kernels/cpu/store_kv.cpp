@@ -28,7 +28,8 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
     TORCH_CHECK(key.is_contiguous() && value.is_contiguous() && k_cache.is_contiguous() &&
                 v_cache.is_contiguous(), "store_kv: contiguous tensors only");
     TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() &&
-                value.scalar_type() == v_cache.scalar_type(), "store_kv: K/V and caches share a dtype");
+                value.scalar_type() == v_cache.scalar_type(),
+                "store_kv: K/V and caches share a dtype");
     const auto slot_type = slot_mapping.scalar_type();
     TORCH_CHECK((slot_type == at::kLong || slot_type == at::kInt) && slot_mapping.is_contiguous(),
                 "store_kv: slot_mapping must be contiguous int32 or int64");
