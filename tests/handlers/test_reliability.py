@@ -179,21 +179,23 @@ def test_sigkill_mid_stream_worker_comes_back_static_models_serve(server, llm_ur
     stop, codes = threading.Event(), []
     with ThreadPoolExecutor(2) as pool:
         static = [pool.submit(static_calls, server, stop, codes) for _ in range(2)]
-        streams = [Stream(server, LONG, timeout_s=60) for _ in range(4)]
-        for s in streams:
-            assert s.first.wait(30)
-        killed_s = time.monotonic()
-        os.kill(old[0], signal.SIGKILL)
-        for s in map(Stream.join, streams):
-            assert s.ended_s - killed_s < 30, "client hung after the worker died"
-            assert not s.finished_cleanly or s.lines[-1]["finish_reason"] == "error", s.__dict__
-            print(f"SIGKILL: client ended {s.ended_s - killed_s:.2f} s later: "
-                  f"{s.error or s.lines[-1]}")
-        new = wait_worker(server, old)
-        back_s = time.monotonic() - killed_s
-        ok = requests.post(llm_url, json={"prompt": "hi", "max_tokens": 3},
-                           headers=server.headers(), timeout=60)
-        stop.set()
+        try:        # a failed assertion must end the static callers, not hang the run
+            streams = [Stream(server, LONG, timeout_s=60) for _ in range(4)]
+            for s in streams:
+                assert s.first.wait(30)
+            killed_s = time.monotonic()
+            os.kill(old[0], signal.SIGKILL)
+            for s in map(Stream.join, streams):
+                assert s.ended_s - killed_s < 30, "client hung after the worker died"
+                assert not s.finished_cleanly or s.lines[-1]["finish_reason"] == "error", s.__dict__
+                print(f"SIGKILL: client ended {s.ended_s - killed_s:.2f} s later: "
+                      f"{s.error or s.lines[-1]}")
+            new = wait_worker(server, old)
+            back_s = time.monotonic() - killed_s
+            ok = requests.post(llm_url, json={"prompt": "hi", "max_tokens": 3},
+                               headers=server.headers(), timeout=60)
+        finally:
+            stop.set()
         for f in static:
             f.result()
     assert new != old[0]
