@@ -45,9 +45,10 @@ class ModelRunner:
         assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"
         spec = self.model.spec
         shape = (self.num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
+        arena = kernels.HugePageArena()     # on CPU the cache's blocks sit in huge pages
         for attn in self.model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = arena.zeros(shape, self.dtype, self.device)
+            attn.v_cache = arena.zeros(shape, self.dtype, self.device)
 
     @property
     def block_bytes(self) -> int:

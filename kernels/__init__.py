@@ -5,7 +5,8 @@ The backend is ``auto`` (Triton for CUDA tensors when triton is installed; for C
 compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch reference), ``triton``
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
-applies (fp32 on CPU under ``auto``) and ``linear_packed`` runs the layer on it; elsewhere the
+applies (fp32 on CPU under ``auto``), into huge pages (``HugePageArena``, which the KV cache
+uses too), and ``linear_packed`` runs the layer on it; elsewhere the
 model keeps ``torch.nn.functional.linear``. ``decoder_layer`` runs a whole layer of packed
 weights through the compiled CPU ops in one call (the model's CPU fp32 path); ``rms_norm``
 (with the residual add fused in) is the compiled norm the model calls for its final norm.
@@ -19,9 +20,10 @@ import os
 import torch
 
 from kernels import cpu_build
+from kernels.huge_pages import HugePageArena
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "compiled_cpu", "decoder_layer", "get_backend", "linear_packed",
+__all__ = ["BACKENDS", "HugePageArena", "compiled_cpu", "decoder_layer", "get_backend", "linear_packed",
            "pack_linear", "paged_attention", "rms_norm", "set_backend", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -74,13 +76,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                      query_start_loc, scale)
 
 
-def pack_linear(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight [out, in]`` packed for ``linear_packed``, or None where the compiled kernel does
-    not apply (not fp32, not on CPU, another backend forced, or the kernels did not build)."""
+def pack_linear(weight: torch.Tensor, arena: HugePageArena | None = None
+                ) -> torch.Tensor | None:
+    """``weight [out, in]`` packed for ``linear_packed`` into ``arena`` (a fresh one if None),
+    or None where the compiled kernel does not apply (not fp32, not on CPU, another backend
+    forced, or the kernels did not build)."""
     if weight.dtype != torch.float32 or not _use_cpu(weight):
         return None
     from kernels.cpu_linear import pack
-    return pack(weight)
+    return pack(weight, arena or HugePageArena())
 
 
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,

@@ -9,18 +9,22 @@ EPYC; docs/benchmarks.md): 1 row 0.8x MKL's time (12.7 GB/s, the machine's read 
 import torch
 import torch.nn.functional as F
 
+from kernels.huge_pages import HugePageArena
+
 __all__ = ["PANEL", "linear_packed_cpu", "pack"]
 
 PANEL = 16      # outputs per panel, as kPanel in cpu/linear.cpp
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [n, k]`` as ``[ceil(n / 16), k, 16]``: panel p holds outputs 16p..16p+15 (zeros
-    past n), input-major."""
+def pack(weight: torch.Tensor, arena: HugePageArena) -> torch.Tensor:
+    """``weight [n, k]`` as ``[ceil(n / 16), k, 16]`` in ``arena``: panel p holds outputs
+    16p..16p+15 (zeros past n), input-major."""
     n, k = weight.shape
     panels = -(-n // PANEL)
+    packed = arena.zeros((panels, k, PANEL), torch.float32)
     padded = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - n))
-    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+    packed.copy_(padded.view(panels, PANEL, k).transpose(1, 2))
+    return packed
 
 
 def linear_packed_cpu(x: torch.Tensor, packed: torch.Tensor, out_features: int,

@@ -44,9 +44,10 @@ class Linear(torch.nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("packed", None, persistent=False)
 
-    def pack(self) -> None:
-        """Replace the weight by its packed form where the compiled kernel applies."""
-        packed = kernels.pack_linear(self.weight)
+    def pack(self, arena: kernels.HugePageArena) -> None:
+        """Replace the weight by its packed form (in ``arena``) where the compiled kernel
+        applies."""
+        packed = kernels.pack_linear(self.weight, arena)
         if packed is not None:
             self.packed = packed
             self.weight = None      # a tied weight stays with its other owner
@@ -131,11 +132,11 @@ class DecoderLayer(torch.nn.Module):
         self.mlp = MLP(spec)
         self.compiled: tuple | None = None   # (weights, extras, sizes) for kernels.decoder_layer
 
-    def pack(self) -> None:
+    def pack(self, arena: kernels.HugePageArena) -> None:
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         for linear in linears:
-            linear.pack()
+            linear.pack(arena)
         if any(linear.packed is None for linear in linears):
             return
         weights = [self.input_layernorm.weight, attn.qkv_proj.packed, attn.o_proj.packed,
@@ -198,10 +199,12 @@ class CausalLM(torch.nn.Module):
         return self.model(input_ids, positions, meta)
 
     def pack(self) -> None:
-        """Pack every linear layer's weight for the compiled CPU kernels (after loading)."""
+        """Pack every linear layer's weight for the compiled CPU kernels (after loading), back
+        to back in huge pages in the order a step reads them."""
+        arena = kernels.HugePageArena()
         for layer in self.model.layers:
-            layer.pack()
-        self.lm_head.pack()
+            layer.pack(arena)
+        self.lm_head.pack(arena)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

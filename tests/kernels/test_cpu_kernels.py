@@ -17,6 +17,11 @@ from kernels.reference import paged_attention_reference, store_kv_reference
 pytestmark = pytest.mark.skipif(not cpu_build.load(), reason="no C++ compiler for the CPU kernels")
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    from kernels.cpu_linear import pack
+    return pack(weight, kernels.HugePageArena())
+
+
 def _cpu():
     from kernels.cpu_attention import paged_attention_cpu, store_kv_cpu
     from kernels.cpu_linear import linear_packed_cpu
@@ -80,21 +85,19 @@ def test_store_kv_matches_reference_and_skips_minus_one() -> None:
 @pytest.mark.parametrize("n,k,bias", [(96, 576, False), (30, 37, True), (1, 8, True),
                                       (49, 1, False)])
 def test_linear_matches_torch(rows: int, n: int, k: int, bias: bool) -> None:
-    from kernels.cpu_linear import pack
     gen = torch.Generator().manual_seed(rows * n + k)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
-    torch.testing.assert_close(_cpu()[2](x, pack(w), n, b), F.linear(x, w, b), atol=1e-4,
+    torch.testing.assert_close(_cpu()[2](x, _pack(w), n, b), F.linear(x, w, b), atol=1e-4,
                                rtol=1e-5)
 
 
 def test_linear_packed_keeps_leading_dims_and_refuses_a_mismatched_pack() -> None:
-    from kernels.cpu_linear import pack
     x, w = torch.randn(2, 3, 40), torch.randn(20, 40)
-    torch.testing.assert_close(_cpu()[2](x, pack(w), 20, None), F.linear(x, w), atol=1e-4,
+    torch.testing.assert_close(_cpu()[2](x, _pack(w), 20, None), F.linear(x, w), atol=1e-4,
                                rtol=1e-5)
     with pytest.raises(RuntimeError, match="packed weight"):
-        _cpu()[2](torch.randn(2, 41), pack(w), 20, None)
+        _cpu()[2](torch.randn(2, 41), _pack(w), 20, None)
 
 
 def test_store_accepts_int32_slots() -> None:
