@@ -7,7 +7,7 @@ or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_back
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
 applies (fp32 on CPU under ``auto``), into huge pages (``HugePageArena``, which the KV cache
 uses too), and ``linear_packed`` runs the layer on it; elsewhere the
-model keeps ``torch.nn.functional.linear``. ``decoder_layer`` runs a whole layer of packed
+model keeps ``torch.nn.functional.linear``. ``decoder_layers`` runs every layer of packed
 weights through the compiled CPU ops in one call (the model's CPU fp32 path); ``rms_norm``
 (with the residual add fused in) is the compiled norm the model calls for its final norm.
 Triton is imported only when first used, so this package imports where triton is missing.
@@ -23,7 +23,7 @@ from kernels import cpu_build
 from kernels.huge_pages import HugePageArena
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "HugePageArena", "compiled_cpu", "decoder_layer", "get_backend", "linear_packed",
+__all__ = ["BACKENDS", "HugePageArena", "compiled_cpu", "decoder_layers", "get_backend", "linear_packed",
            "pack_linear", "paged_attention", "rms_norm", "set_backend", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -105,18 +105,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return torch.ops.tsllm_cpu.rms_norm(x, weight, eps, residual)
 
 
-def decoder_layer(x: torch.Tensor, residual: torch.Tensor, weights: list[torch.Tensor],
-                  extras: list[torch.Tensor | None], sizes: list[int], eps: float,
-                  rot: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                  heads: tuple[int, int, int]) -> torch.Tensor:
-    """One whole decoder layer in one compiled call (``cpu/decoder_layer.cpp`` lists the
-    arguments); ``residual`` gains ``x`` and the attention output in place; returns the MLP's
-    output. ``heads`` is (query heads, KV heads, head dim)."""
-    return torch.ops.tsllm_cpu.decoder_layer(x, residual, weights, extras, sizes, eps, *rot,
-                                             k_cache, v_cache, slot_mapping, block_tables,
-                                             seq_lens, query_start_loc, scale, *heads)
+def decoder_layers(x: torch.Tensor, residual: torch.Tensor, weights: list[torch.Tensor],
+                   extras: list[torch.Tensor | None], sizes: list[int], eps: float,
+                   rot: tuple[torch.Tensor, torch.Tensor], k_caches: list[torch.Tensor],
+                   v_caches: list[torch.Tensor], slot_mapping: torch.Tensor,
+                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   query_start_loc: torch.Tensor, scale: float, heads: tuple[int, int, int]
+                   ) -> torch.Tensor:
+    """Every decoder layer in one compiled call (``cpu/decoder_layers.cpp`` lists the
+    arguments: six weights and six extras per layer, a K and a V cache per layer);
+    ``residual`` gains ``x`` and each layer's outputs in place but the last MLP output, which
+    is returned. ``heads`` is (query heads, KV heads, head dim)."""
+    return torch.ops.tsllm_cpu.decoder_layers(x, residual, weights, extras, sizes, eps, *rot,
+                                              k_caches, v_caches, slot_mapping, block_tables,
+                                              seq_lens, query_start_loc, scale, *heads)
 
 
 def _use_cpu(t: torch.Tensor) -> bool:

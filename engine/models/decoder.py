@@ -120,9 +120,9 @@ class MLP(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    """Pre-norm attention + gated MLP. Once ``pack`` has packed its weights (fp32 on CPU) the
-    whole layer runs as one ``kernels.decoder_layer`` call, with the same arithmetic as the
-    modules one by one; elsewhere it runs module by module."""
+    """Pre-norm attention + gated MLP, module by module. Once ``pack`` has packed its weights
+    (fp32 on CPU), the model runs it inside one ``kernels.decoder_layers`` call for all layers,
+    with the same arithmetic."""
 
     def __init__(self, spec: DecoderSpec, rope: RotaryEmbedding) -> None:
         super().__init__()
@@ -130,34 +130,29 @@ class DecoderLayer(torch.nn.Module):
         self.self_attn = SelfAttention(spec, rope)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
-        self.compiled: tuple | None = None   # (weights, extras, sizes) for kernels.decoder_layer
 
-    def pack(self, arena: kernels.HugePageArena) -> None:
+    def pack(self, arena: kernels.HugePageArena
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int]] | None:
+        """Pack the linear layers; their weights, extras and widths for
+        ``kernels.decoder_layers``, or None where the compiled kernels do not apply."""
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         for linear in linears:
             linear.pack(arena)
         if any(linear.packed is None for linear in linears):
-            return
+            return None
         weights = [self.input_layernorm.weight, attn.qkv_proj.packed, attn.o_proj.packed,
                    self.post_attention_layernorm.weight, mlp.gate_up_proj.packed,
                    mlp.down_proj.packed]
         norms = [None if n is None else n.weight for n in (attn.q_norm, attn.k_norm)]
         extras = [linear.bias for linear in linears] + norms
-        self.compiled = (weights, extras, [linear.out_features for linear in linears])
+        return weights, extras, [linear.out_features for linear in linears]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor,
                 rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` is the previous layer's output, not yet added into ``residual``; returns this
         layer's the same way (the adds are fused into the norms that follow them)."""
-        if self.compiled is not None:
-            a = self.self_attn.attn
-            out = kernels.decoder_layer(
-                x, residual, *self.compiled, self.input_layernorm.eps, rot, a.k_cache,
-                a.v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                meta.query_start_loc, a.scale, (a.num_heads, a.num_kv_heads, a.head_dim))
-            return out, residual
         h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, rot, meta), residual)
         return self.mlp(h), residual
@@ -172,14 +167,29 @@ class DecoderModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(DecoderLayer(spec, rope)
                                           for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.compiled: tuple | None = None  # every layer's (weights, extras, sizes), once packed
+
+    def pack(self, arena: kernels.HugePageArena) -> None:
+        parts = [layer.pack(arena) for layer in self.layers]
+        if all(part is not None for part in parts):
+            self.compiled = ([w for part in parts for w in part[0]],
+                             [e for part in parts for e in part[1]], parts[0][2])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         residual = self.embed_tokens(input_ids)
         x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
-        for layer in self.layers:
-            x, residual = layer(x, residual, rot, meta)
+        if self.compiled is not None:
+            attns = [layer.self_attn.attn for layer in self.layers]
+            a = attns[0]
+            x = kernels.decoder_layers(
+                x, residual, *self.compiled, self.norm.eps, rot, [a.k_cache for a in attns],
+                [a.v_cache for a in attns], meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                meta.query_start_loc, a.scale, (a.num_heads, a.num_kv_heads, a.head_dim))
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, rot, meta)
         return self.norm(x, residual)[0]
 
 
@@ -202,8 +212,7 @@ class CausalLM(torch.nn.Module):
         """Pack every linear layer's weight for the compiled CPU kernels (after loading), back
         to back in huge pages in the order a step reads them."""
         arena = kernels.HugePageArena()
-        for layer in self.model.layers:
-            layer.pack(arena)
+        self.model.pack(arena)
         self.lm_head.pack(arena)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// The compiled CPU ops as C++ functions, so that decoder_layer.cpp calls them directly (no
+// The compiled CPU ops as C++ functions, so that decoder_layers.cpp calls them directly (no
 // dispatcher, no Python); each is defined, and registered as `torch.ops.tsllm_cpu.<name>`, in
 // the file named beside it.
 #pragma once

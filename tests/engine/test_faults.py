@@ -73,16 +73,16 @@ def test_detokenizer_error_fails_its_request_alone(llm, clean, monkeypatch):
 @pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory (injected)"),
                                  RuntimeError("triton kernel launch failed (injected)")])
 def test_step_fault_fails_that_steps_requests_and_engine_goes_on(llm, clean, monkeypatch, exc):
-    layer = llm.runner.model.model.layers[-1]
-    real, calls = layer.forward, []
+    norm = llm.runner.model.model.norm      # the final norm: after every layer wrote K/V
+    real, calls = norm.forward, []
 
-    def forward(*args, **kwargs):       # fails in the 3rd step, after earlier layers wrote K/V
+    def forward(*args, **kwargs):       # fails in the 3rd step
         calls.append(1)
         if len(calls) == 3:
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layer, "forward", forward)
+    monkeypatch.setattr(norm, "forward", forward)
     for i, prompt in enumerate(PROMPTS):    # max_num_seqs 2: the third waits outside the batch
         llm.add_request(f"r{i}", prompt, GREEDY)
     results = {}
