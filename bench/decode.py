@@ -38,9 +38,10 @@ from bench.workload import Request, make_workload
 
 def read_bandwidth_gbs(total_bytes: int = 512 << 20, repeats: int = 3) -> dict[str, float]:
     """Single-thread memory read bandwidth, two ways, each the best of ``repeats`` passes over
-    ``total_bytes`` of fresh data: torch's ``sum`` over 128 MiB matrices, and our compiled
-    linear kernel with one row over one packed weight of that size (a pure streaming read with
-    software prefetch). The faster one is the machine's floor."""
+    ``total_bytes`` of fresh data: torch's ``sum`` over 128 MiB matrices (4 KiB pages), and our
+    compiled linear kernel with one row over one packed weight of that size (huge pages, four
+    sequential streams at once: the fastest read found on this machine, see docs/benchmarks.md).
+    The faster one is the machine's floor."""
     import kernels
     caller = torch.get_num_threads()
     torch.set_num_threads(1)

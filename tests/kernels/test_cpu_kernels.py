@@ -1,7 +1,8 @@
 """The compiled CPU kernels against the PyTorch reference and a dense oracle: paged decode
 attention (mixed with prefill chunks, GQA groups, head sizes off the vector width, fp16/bf16,
 blocks in random places), the KV store (skipped slots, int32 and int64 slots) and the packed
-linear layer (every row count of the micro-kernel's tiles, partial panels, bias); plus the
+linear layer (every row count of the micro-kernel's tiles, one row over groups of four panels
+and the panels left over, partial panels, bias); plus the
 build cache and the fallback when no compiler is found."""
 import logging
 
@@ -90,6 +91,21 @@ def test_linear_matches_torch(rows: int, n: int, k: int, bias: bool) -> None:
     b = torch.randn(n, generator=gen) if bias else None
     torch.testing.assert_close(_cpu()[2](x, _pack(w), n, b), F.linear(x, w, b), atol=1e-4,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [64, 80, 144, 200])
+def test_one_row_over_groups_of_four_panels(threads: int, n: int) -> None:
+    # a thread's panels in groups of four streams, the rest (and a partial panel) one by one
+    gen = torch.Generator().manual_seed(n)
+    x, w, b = torch.randn(1, 40, generator=gen), torch.randn(n, 40, generator=gen), torch.randn(n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _cpu()[2](x, _pack(w), n, b)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
 def test_linear_packed_keeps_leading_dims_and_refuses_a_mismatched_pack() -> None:
