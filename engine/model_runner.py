@@ -12,6 +12,7 @@ prompt position for sequences that still owe prompt logprobs.
 import itertools
 import logging
 
+import numpy as np
 import psutil
 import torch
 
@@ -165,27 +166,28 @@ class ModelRunner:
         layers then read only device tensors, with no host-device sync per layer."""
         tables = [allocator.table(seq.seq_id) for seq in batch.seqs]
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables],
-                                    dtype=torch.int32)
-        q_lens = torch.tensor(batch.num_new_tokens)
-        row = torch.repeat_interleave(torch.arange(len(tables)), q_lens)
+        block_tables = np.full((len(tables), width), -1, dtype=np.int32)
+        for r, table in enumerate(tables):
+            block_tables[r, :len(table)] = table
+        # numpy, not torch: these arrays are tiny and a torch op costs ~5-10 us of dispatch
+        row = np.repeat(np.arange(len(tables)), batch.num_new_tokens)
         # Token j of sequence r sits at position starts[r] + (j - q_starts[r]).
-        offsets = torch.tensor(starts) - torch.tensor(q_starts[:-1])
-        pos = offsets[row] + torch.arange(len(row))
+        pos = (np.asarray(starts) - np.asarray(q_starts[:-1]))[row] + np.arange(len(row))
         bs = self.config.block_size
-        slots = block_tables[row, pos // bs].long() * bs + pos % bs
-        parts = [torch.tensor(ids, dtype=torch.int32), pos.int(), slots.int(),
-                 torch.tensor(seq_lens, dtype=torch.int32),
-                 torch.tensor(q_starts, dtype=torch.int32),
-                 torch.tensor(last, dtype=torch.int32), block_tables.flatten()]
+        slots = block_tables[row, pos // bs] * bs + pos % bs
+        parts = [ids, pos, slots, seq_lens, q_starts, last, block_tables.ravel()]
         # Every part starts on a 16-byte boundary, as the compiled Triton variants expect.
-        ends = list(itertools.accumulate(-(-p.numel() // 4) * 4 for p in parts))
-        host = torch.empty(ends[-1], dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        for part, end in zip(parts, [0] + ends):
-            host[end:end + part.numel()] = part
+        sizes = [len(part) for part in parts]
+        ends = list(itertools.accumulate(-(-n // 4) * 4 for n in sizes))
+        flat = np.zeros(ends[-1], dtype=np.int32)
+        for part, end, n in zip(parts, [0] + ends, sizes):
+            flat[end:end + n] = part
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
         ids_d, pos_d, slots_d, seq_lens_d, q_starts_d, last_d, tables_d = (
-            dev[end:end + part.numel()] for part, end in zip(parts, [0] + ends))
+            dev[end:end + n] for end, n in zip([0] + ends, sizes))
         meta = AttentionMetadata(slot_mapping=slots_d, block_tables=tables_d.view(-1, width),
                                  seq_lens=seq_lens_d, query_start_loc=q_starts_d)
         return ids_d, pos_d, meta, last_d
