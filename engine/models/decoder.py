@@ -167,6 +167,8 @@ class DecoderModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(DecoderLayer(spec, rope)
                                           for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        # a plain list (not registered): the step reads the caches without module lookups
+        self.attentions = [layer.self_attn.attn for layer in self.layers]
         self.compiled: tuple | None = None  # every layer's (weights, extras, sizes), once packed
 
     def pack(self, arena: kernels.HugePageArena) -> None:
@@ -181,7 +183,7 @@ class DecoderModel(torch.nn.Module):
         x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
         if self.compiled is not None:
-            attns = [layer.self_attn.attn for layer in self.layers]
+            attns = self.attentions
             a = attns[0]
             x = kernels.decoder_layers(
                 x, residual, *self.compiled, self.norm.eps, rot, [a.k_cache for a in attns],
@@ -219,4 +221,4 @@ class CausalLM(torch.nn.Module):
         return self.lm_head(hidden).float()
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return self.model.attentions
