@@ -6,8 +6,8 @@ compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch refer
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
 applies (fp32 on CPU under ``auto``), into huge pages (``HugePageArena``, which the KV cache
-uses too), and ``linear_packed`` runs the layer on it; elsewhere the
-model keeps ``torch.nn.functional.linear``. ``decoder_layers`` runs every layer of packed
+uses too), and ``linear_packed`` runs the layer on it; elsewhere the model keeps
+``torch.nn.functional.linear``. ``decoder_layers`` runs every layer of packed
 weights through the compiled CPU ops in one call (the model's CPU fp32 path); ``rms_norm``
 (with the residual add fused in) is the compiled norm the model calls for its final norm.
 Triton is imported only when first used, so this package imports where triton is missing.
@@ -23,8 +23,9 @@ from kernels import cpu_build
 from kernels.huge_pages import HugePageArena
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "HugePageArena", "compiled_cpu", "decoder_layers", "get_backend", "linear_packed",
-           "pack_linear", "paged_attention", "rms_norm", "set_backend", "store_kv"]
+__all__ = ["BACKENDS", "HugePageArena", "compiled_cpu", "decoder_layers", "get_backend",
+           "linear_packed", "pack_linear", "paged_attention", "rms_norm", "set_backend",
+           "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")

@@ -1,10 +1,11 @@
 """fp32 linear layers on CPU through the compiled kernel of ``cpu/linear.cpp``, any row count.
 
 The weight ``[out, in]`` is packed once, at load, into panels of 16 outputs stored input-major
-(``pack``); the kernel then reads it as one sequential stream with every load feeding FMAs
-for up to six rows at a time. Measured on SmolLM2's matrices (one thread, this project's AMD
-EPYC; docs/benchmarks.md): 1 row 0.8x MKL's time (12.7 GB/s, the machine's read bandwidth),
-8 rows 0.45x, 64 rows 0.8x, 512 rows 0.93x, so prefill chunks use it too.
+(``pack``, into huge pages); the kernel then reads it sequentially with every load feeding
+FMAs for up to six rows at a time, and with one row four panels at once (four streams).
+Measured on SmolLM2's matrices (one thread, this project's AMD EPYC; docs/benchmarks.md):
+1 row ~19 GB/s from huge pages (as fast as this machine reads), 8 rows 0.45x MKL's time,
+64 rows 0.8x, 512 rows 0.93x, so prefill chunks use it too.
 """
 import torch
 import torch.nn.functional as F

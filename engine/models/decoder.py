@@ -186,8 +186,8 @@ class DecoderModel(torch.nn.Module):
             attns = self.attentions
             a = attns[0]
             x = kernels.decoder_layers(
-                x, residual, *self.compiled, self.norm.eps, rot, [a.k_cache for a in attns],
-                [a.v_cache for a in attns], meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                x, residual, *self.compiled, self.norm.eps, rot, [m.k_cache for m in attns],
+                [m.v_cache for m in attns], meta.slot_mapping, meta.block_tables, meta.seq_lens,
                 meta.query_start_loc, a.scale, (a.num_heads, a.num_kv_heads, a.head_dim))
         else:
             for layer in self.layers:

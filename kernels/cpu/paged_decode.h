@@ -2,9 +2,9 @@
 // on its own; paged_attention.cpp wraps it in the torch op.
 //
 // Each cached block is visited once, whole (all KV heads: one contiguous read, the next block
-// prefetched meanwhile, a share per query head): per query head, 8 keys at a time are scored (eight dot products
-// reduced together), the online softmax is updated once per block with a vectorized exp, and
-// the block's values are accumulated in registers.
+// prefetched meanwhile, a share per query head): per query head, 8 keys at a time are scored
+// (eight dot products reduced together), the online softmax is updated once per block with a
+// vectorized exp, and the block's values are accumulated in registers.
 #pragma once
 
 #include <immintrin.h>
