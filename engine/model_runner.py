@@ -45,11 +45,12 @@ class ModelRunner:
         self.num_blocks = self._size_pool()
         assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"
         spec = self.model.spec
-        shape = (self.num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_layers, self.num_blocks, config.block_size, spec.num_kv_heads,
+                 spec.head_dim)
         arena = kernels.HugePageArena()     # on CPU the cache's blocks sit in huge pages
-        for attn in self.model.attention_layers():
-            attn.k_cache = arena.zeros(shape, self.dtype, self.device)
-            attn.v_cache = arena.zeros(shape, self.dtype, self.device)
+        self.k_cache = arena.zeros(shape, self.dtype, self.device)
+        self.v_cache = arena.zeros(shape, self.dtype, self.device)
+        self.model.set_caches(self.k_cache, self.v_cache)
 
     @property
     def block_bytes(self) -> int:
@@ -124,9 +125,8 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for attn in self.model.attention_layers():
-            attn.k_cache.index_copy_(0, dst, attn.k_cache.index_select(0, src))
-            attn.v_cache.index_copy_(0, dst, attn.v_cache.index_select(0, src))
+        for cache in (self.k_cache, self.v_cache):     # every layer at once
+            cache.index_copy_(1, dst, cache.index_select(1, src))
 
     def _score_samples(self, logits: torch.Tensor, seqs: list[Sequence],
                        tokens: list[int]) -> None:

@@ -7,8 +7,9 @@ or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_back
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
 applies (fp32 on CPU under ``auto``), into huge pages (``HugePageArena``, which the KV cache
 uses too), and ``linear_packed`` runs the layer on it; elsewhere the model keeps
-``torch.nn.functional.linear``. ``decoder_layers`` runs every layer of packed
-weights through the compiled CPU ops in one call (the model's CPU fp32 path); ``rms_norm``
+``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's weights (linears
+packed) once into a compiled object that runs a step's embedding lookup, layers and final
+norm in one call (the model's CPU fp32 path); ``rms_norm``
 (with the residual add fused in) is the compiled norm the model calls for its final norm.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
@@ -23,7 +24,7 @@ from kernels import cpu_build
 from kernels.huge_pages import HugePageArena
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "HugePageArena", "compiled_cpu", "decoder_layers", "get_backend",
+__all__ = ["BACKENDS", "HugePageArena", "bind_decoder", "compiled_cpu", "get_backend",
            "linear_packed", "pack_linear", "paged_attention", "rms_norm", "set_backend",
            "store_kv"]
 
@@ -106,20 +107,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return torch.ops.tsllm_cpu.rms_norm(x, weight, eps, residual)
 
 
-def decoder_layers(x: torch.Tensor, residual: torch.Tensor, weights: list[torch.Tensor],
-                   extras: list[torch.Tensor | None], sizes: list[int], eps: float,
-                   rot: tuple[torch.Tensor, torch.Tensor], k_caches: list[torch.Tensor],
-                   v_caches: list[torch.Tensor], slot_mapping: torch.Tensor,
-                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   query_start_loc: torch.Tensor, scale: float, heads: tuple[int, int, int]
-                   ) -> torch.Tensor:
-    """Every decoder layer in one compiled call (``cpu/decoder_layers.cpp`` lists the
-    arguments: six weights and six extras per layer, a K and a V cache per layer);
-    ``residual`` gains ``x`` and each layer's outputs in place but the last MLP output, which
-    is returned. ``heads`` is (query heads, KV heads, head dim)."""
-    return torch.ops.tsllm_cpu.decoder_layers(x, residual, weights, extras, sizes, eps, *rot,
-                                              k_caches, v_caches, slot_mapping, block_tables,
-                                              seq_lens, query_start_loc, scale, *heads)
+def bind_decoder(embed: torch.Tensor, weights: list[torch.Tensor],
+                 extras: list[torch.Tensor | None], final_norm: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor], sizes: list[int], eps: float,
+                 scale: float, heads: tuple[int, int, int]) -> torch.ScriptObject:
+    """A decoder's weights bound once into a compiled ``Decoder`` (``cpu/decoder_layers.cpp``
+    lists them: six weights and six extras per layer, linears packed; ``rope`` is the cos and
+    sin tables; ``heads`` is (query heads, KV heads, head dim)). Its ``forward(input_ids,
+    positions, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)``
+    (int32 step inputs; caches ``[layers, blocks, block_size, kv_heads, head_dim]``) runs the
+    embedding lookup, every layer and the final norm in one call and returns the normed
+    hidden states."""
+    return torch.classes.tsllm_cpu.Decoder(embed, weights, extras, final_norm, *rope, sizes,
+                                           eps, scale, list(heads))
 
 
 def _use_cpu(t: torch.Tensor) -> bool:

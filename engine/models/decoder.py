@@ -121,8 +121,8 @@ class MLP(torch.nn.Module):
 
 class DecoderLayer(torch.nn.Module):
     """Pre-norm attention + gated MLP, module by module. Once ``pack`` has packed its weights
-    (fp32 on CPU), the model runs it inside one ``kernels.decoder_layers`` call for all layers,
-    with the same arithmetic."""
+    (fp32 on CPU), the model runs it inside one compiled call for all layers
+    (``kernels.bind_decoder``), with the same arithmetic."""
 
     def __init__(self, spec: DecoderSpec, rope: RotaryEmbedding) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class DecoderLayer(torch.nn.Module):
     def pack(self, arena: kernels.HugePageArena
              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int]] | None:
         """Pack the linear layers; their weights, extras and widths for
-        ``kernels.decoder_layers``, or None where the compiled kernels do not apply."""
+        ``kernels.bind_decoder``, or None where the compiled kernels do not apply."""
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         for linear in linears:
@@ -169,29 +169,38 @@ class DecoderModel(torch.nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         # a plain list (not registered): the step reads the caches without module lookups
         self.attentions = [layer.self_attn.attn for layer in self.layers]
-        self.compiled: tuple | None = None  # every layer's (weights, extras, sizes), once packed
+        self.k_cache: torch.Tensor | None = None    # every layer's, see set_caches
+        self.v_cache: torch.Tensor | None = None
+        self.compiled: torch.ScriptObject | None = None     # the whole decoder, once packed
 
     def pack(self, arena: kernels.HugePageArena) -> None:
         parts = [layer.pack(arena) for layer in self.layers]
         if all(part is not None for part in parts):
-            self.compiled = ([w for part in parts for w in part[0]],
-                             [e for part in parts for e in part[1]], parts[0][2])
+            a = self.attentions[0]
+            self.compiled = kernels.bind_decoder(
+                self.embed_tokens.weight, [w for part in parts for w in part[0]],
+                [e for part in parts for e in part[1]], self.norm.weight,
+                (self.rope.cos, self.rope.sin), parts[0][2], self.norm.eps, a.scale,
+                (a.num_heads, a.num_kv_heads, a.head_dim))
+
+    def set_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """The KV cache of every layer, ``[layers, blocks, block_size, kv_heads, head_dim]``
+        each: layer l's attention gets the views ``[l]``."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        for attn, k, v in zip(self.attentions, k_cache, v_cache):
+            attn.k_cache, attn.v_cache = k, v
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled.forward(input_ids, positions, self.k_cache, self.v_cache,
+                                         meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                         meta.query_start_loc)
         residual = self.embed_tokens(input_ids)
         x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
-        if self.compiled is not None:
-            attns = self.attentions
-            a = attns[0]
-            x = kernels.decoder_layers(
-                x, residual, *self.compiled, self.norm.eps, rot, [m.k_cache for m in attns],
-                [m.v_cache for m in attns], meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                meta.query_start_loc, a.scale, (a.num_heads, a.num_kv_heads, a.head_dim))
-        else:
-            for layer in self.layers:
-                x, residual = layer(x, residual, rot, meta)
+        for layer in self.layers:
+            x, residual = layer(x, residual, rot, meta)
         return self.norm(x, residual)[0]
 
 
@@ -220,5 +229,6 @@ class CausalLM(torch.nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return self.model.attentions
+    def set_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Every layer's KV cache, ``[layers, blocks, block_size, kv_heads, head_dim]`` each."""
+        self.model.set_caches(k_cache, v_cache)

@@ -15,19 +15,12 @@
 
 namespace tsllm {
 
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-    TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() &&
-                gate_up.scalar_type() == at::kFloat && gate_up.size(1) % 2 == 0,
-                "silu_mul: contiguous fp32 [rows, 2 * n]");
-    const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
-    at::Tensor y = at::empty({rows, n}, gate_up.options());
-    const float* gp = gate_up.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
+void silu_mul_rows(const float* gate_up, int64_t rows, int64_t n, float* y) {
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-            const float* g = gp + r * 2 * n;
+            const float* g = gate_up + r * 2 * n;
             const float* u = g + n;
-            float* o = yp + r * n;
+            float* o = y + r * n;
             int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
             const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
@@ -41,6 +34,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
             for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
         }
     });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+    TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() &&
+                gate_up.scalar_type() == at::kFloat && gate_up.size(1) % 2 == 0,
+                "silu_mul: contiguous fp32 [rows, 2 * n]");
+    const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+    at::Tensor y = at::empty({rows, n}, gate_up.options());
+    silu_mul_rows(gate_up.data_ptr<float>(), rows, n, y.data_ptr<float>());
     return y;
 }
 

@@ -1,93 +1,213 @@
-// The decoder layers of the fp32 CPU path in one call: the ops of the other files in sequence.
+// The decoder of the fp32 CPU path in one call: embedding lookup, every layer, final norm, with
+// the kernels of the other files in sequence on raw pointers into one workspace.
 //
-// Owns `tsllm_cpu::decoder_layers`. A decode step at batch 1 reads ~14 MB of weights per layer
-// (SmolLM2: ~1 ms on this project's CPU), and each call from Python costs ~120 us of argument
-// conversion and dispatch plus the module's own Python (measured); so the whole stack is one
-// call, and inside it the ops are plain C++ function calls. The arithmetic is exactly that of
-// the ops called one by one (engine/models/decoder.py's layer with these kernels): RMSNorm
-// with the residual add, fused q/k/v projection, optional per-head q/k RMSNorm (Qwen3),
-// rotary, KV store, paged attention (decode rows in place, prefill chunks by SDPA), output
-// projection, RMSNorm with the residual add, gate/up projection, silu * up, down projection.
+// Owns the `tsllm_cpu.Decoder` class. A decode step at batch 1 reads ~14 MB of weights per
+// layer (SmolLM2: ~1 ms on this project's CPU); around that, each op called from Python cost
+// ~120 us of argument conversion and dispatch, each ATen tensor between the kernels a few us
+// (30 layers x ~15 tensors: ~1.4 ms a step), converting every layer's weights from a Python
+// list ~0.4 ms a step, and each torch op left outside (embedding, rotary table, final norm)
+// ~0.1 ms once the weights have streamed through the caches (all measured). So the weights
+// are bound once, when the model is packed, a step is one method call, and inside it the
+// kernels pass pointers into one workspace. The arithmetic is exactly that of the torch ops
+// called one by one (engine/models/decoder.py's layer with these kernels): RMSNorm with the
+// residual add, fused q/k/v projection, optional per-head q/k RMSNorm (Qwen3), rotary, KV
+// store, paged attention (decode rows in place, prefill chunks by SDPA), output projection,
+// RMSNorm with the residual add, gate/up projection, silu * up, down projection.
 #include <ATen/ATen.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "ops.h"
 
+#include <cstring>
 #include <vector>
 
 namespace tsllm {
 
 namespace {
 
-// One layer. w: input norm, qkv, o, post-attention norm, gate_up, down (linears packed);
-// e: qkv, o, gate_up and down biases, q and k norms (any may be None).
-at::Tensor layer(const at::Tensor& x, at::Tensor& residual, const at::Tensor* w,
-                 const c10::optional<at::Tensor>* e, at::IntArrayRef sizes, double eps,
-                 const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
-                 at::Tensor v_cache, const at::Tensor& slot_mapping,
-                 const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                 const at::Tensor& query_start_loc, double scale, int64_t num_heads,
-                 int64_t num_kv_heads, int64_t head_dim) {
-    const int64_t tokens = x.size(0), q_size = num_heads * head_dim;
-    const int64_t kv_size = num_kv_heads * head_dim;
-    const at::Tensor qkv = linear_packed(rms_norm(x, w[0], eps, residual), w[1], sizes[0], e[0]);
-    at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});
-    at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
-    const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).contiguous()
-                             .view({tokens, num_kv_heads, head_dim});
-    if (e[4].has_value() && e[4]->defined()) {
-        q = rms_norm(q.reshape({-1, head_dim}), *e[4], eps, {}).view(q.sizes());
-        k = rms_norm(k.reshape({-1, head_dim}), *e[5], eps, {}).view(k.sizes());
-    }
-    std::tie(q, k) = rotary(q, k, cos, sin);
-    store_kv(k, v, k_cache, v_cache, slot_mapping);
-    at::Tensor attn = at::empty_like(q);
-    paged_decode(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, attn);
-    if (tokens > seq_lens.size(0))
-        paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, attn);
-    const at::Tensor o = linear_packed(attn.view({tokens, q_size}), w[2], sizes[1], e[1]);
-    const at::Tensor gate_up = linear_packed(rms_norm(o, w[3], eps, residual), w[4], sizes[2],
-                                             e[2]);
-    return linear_packed(silu_mul(gate_up), w[5], sizes[3], e[3]);
+constexpr int64_t kPanel = 16;      // as in linear.cpp
+
+const float* pointer(const c10::optional<at::Tensor>& t, int64_t numel, const char* what) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel,
+                "Decoder: ", what, " must be contiguous fp32 of ", numel, " elements");
+    return t->data_ptr<float>();
+}
+
+const float* packed_pointer(const at::Tensor& t, int64_t k, int64_t n, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
+                t.size(0) == (n + kPanel - 1) / kPanel && t.size(1) == k && t.size(2) == kPanel,
+                "Decoder: ", what, " must be packed [ceil(", n, " / 16), ", k, ", 16] fp32");
+    return t.data_ptr<float>();
 }
 
 }  // namespace
 
-// weights and extras: six per layer, as `layer` takes them; k_caches, v_caches: one per layer;
-// sizes: the four linears' output widths (the same in every layer). `residual` gains every
-// layer's attention and MLP outputs but the last MLP's, which is returned (the model's final
-// norm adds it).
-at::Tensor decoder_layers(const at::Tensor& x, at::Tensor& residual, at::TensorList weights,
-                          const c10::List<c10::optional<at::Tensor>>& extras,
-                          at::IntArrayRef sizes, double eps, const at::Tensor& cos,
-                          const at::Tensor& sin, at::TensorList k_caches,
-                          at::TensorList v_caches, const at::Tensor& slot_mapping,
-                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                          const at::Tensor& query_start_loc, double scale, int64_t num_heads,
-                          int64_t num_kv_heads, int64_t head_dim) {
-    const size_t layers = k_caches.size();
-    TORCH_CHECK(v_caches.size() == layers && weights.size() == 6 * layers &&
-                extras.size() == 6 * layers && sizes.size() == 4,
-                "decoder_layers: 6 weights and 6 extras per layer, a K and a V cache per layer, "
-                "4 sizes");
-    TORCH_CHECK(sizes[0] == (num_heads + 2 * num_kv_heads) * head_dim,
-                "decoder_layers: qkv width");
-    const std::vector<c10::optional<at::Tensor>> e(extras.begin(), extras.end());
-    at::Tensor h = x;
-    for (size_t l = 0; l < layers; ++l)
-        h = layer(h, residual, &weights[6 * l], &e[6 * l], sizes, eps, cos, sin, k_caches[l],
-                  v_caches[l], slot_mapping, block_tables, seq_lens, query_start_loc, scale,
-                  num_heads, num_kv_heads, head_dim);
-    return h;
-}
+// The decoder's weights, bound once; `forward` runs a step's tokens through all of it.
+struct Decoder : torch::CustomClassHolder {
+    // embed [vocab, hidden]; weights and extras: six per layer. Weights: input norm, qkv, o,
+    // post-attention norm, gate_up, down (linears packed); extras: qkv, o, gate_up and down
+    // biases, q and k norms (any may be None). final_norm [hidden]; cos, sin: the rotary
+    // tables [positions, head_dim]. sizes: the four linears' output widths; heads: (query
+    // heads, KV heads, head dim).
+    Decoder(at::Tensor embed, std::vector<at::Tensor> weights,
+            std::vector<c10::optional<at::Tensor>> extras, at::Tensor final_norm, at::Tensor cos,
+            at::Tensor sin, std::vector<int64_t> sizes, double eps, double scale,
+            std::vector<int64_t> heads)
+        : embed_(std::move(embed)), weights_(std::move(weights)), extras_(std::move(extras)),
+          final_norm_(std::move(final_norm)), cos_(std::move(cos)), sin_(std::move(sin)),
+          eps_(eps), scale_(scale) {
+        TORCH_CHECK(sizes.size() == 4 && heads.size() == 3, "Decoder: 4 sizes, 3 head numbers");
+        TORCH_CHECK(!weights_.empty() && weights_.size() % 6 == 0 &&
+                    extras_.size() == weights_.size(),
+                    "Decoder: 6 weights and 6 extras per layer");
+        layers_ = static_cast<int64_t>(weights_.size() / 6);
+        heads_ = heads[0], kv_heads_ = heads[1], head_dim_ = heads[2];
+        hidden_ = weights_[0].numel(), inter_ = sizes[2] / 2;
+        TORCH_CHECK(heads_ % kv_heads_ == 0 && head_dim_ % 2 == 0 &&
+                    sizes[0] == (heads_ + 2 * kv_heads_) * head_dim_ && sizes[1] == hidden_ &&
+                    sizes[2] == 2 * inter_ && sizes[3] == hidden_, "Decoder: layer shapes");
+        TORCH_CHECK(embed_.dim() == 2 && embed_.size(1) == hidden_ && embed_.is_contiguous() &&
+                    embed_.scalar_type() == at::kFloat, "Decoder: embed fp32 [vocab, hidden]");
+        pointer(final_norm_, hidden_, "final norm");
+        for (const at::Tensor* t : {&cos_, &sin_})
+            TORCH_CHECK(t->dim() == 2 && t->size(1) == head_dim_ && t->is_contiguous() &&
+                        t->scalar_type() == at::kFloat && t->sizes() == cos_.sizes(),
+                        "Decoder: rotary tables fp32 [positions, head_dim]");
+        const int64_t q = heads_ * head_dim_;
+        for (int64_t l = 0; l < layers_; ++l) {
+            const at::Tensor* w = &weights_[6 * l];
+            const c10::optional<at::Tensor>* e = &extras_[6 * l];
+            ptrs_.insert(ptrs_.end(), {
+                pointer(w[0], hidden_, "input norm"),
+                packed_pointer(w[1], hidden_, sizes[0], "qkv"),
+                packed_pointer(w[2], q, hidden_, "o"),
+                pointer(w[3], hidden_, "post-attention norm"),
+                packed_pointer(w[4], hidden_, sizes[2], "gate_up"),
+                packed_pointer(w[5], inter_, hidden_, "down"),
+                pointer(e[0], sizes[0], "qkv bias"), pointer(e[1], hidden_, "o bias"),
+                pointer(e[2], sizes[2], "gate_up bias"), pointer(e[3], hidden_, "down bias"),
+                pointer(e[4], head_dim_, "q norm"), pointer(e[5], head_dim_, "k norm")});
+            TORCH_CHECK((ptrs_[12 * l + 10] == nullptr) == (ptrs_[12 * l + 11] == nullptr),
+                        "Decoder: q and k norms come together");
+        }
+    }
+
+    // input_ids, positions [tokens] int32; k_cache, v_cache: [layers, blocks, block_size,
+    // kv_heads, head_dim]. Returns the final norm's output [tokens, hidden].
+    at::Tensor forward(at::Tensor input_ids, at::Tensor positions, at::Tensor k_cache,
+                       at::Tensor v_cache, at::Tensor slot_mapping, at::Tensor block_tables,
+                       at::Tensor seq_lens, at::Tensor query_start_loc) {
+        const int64_t tokens = input_ids.numel(), dim = head_dim_;
+        const int64_t q_size = heads_ * dim, kv_size = kv_heads_ * dim;
+        const int64_t width = q_size + 2 * kv_size, hidden = hidden_, inter = inter_;
+        for (const at::Tensor* c : {&k_cache, &v_cache})
+            TORCH_CHECK(c->dim() == 5 && c->size(0) == layers_ && c->size(3) == kv_heads_ &&
+                        c->size(4) == dim && c->is_contiguous() &&
+                        c->scalar_type() == at::kFloat && c->sizes() == k_cache.sizes(),
+                        "Decoder: caches fp32 [", layers_, ", blocks, block_size, ", kv_heads_,
+                        ", ", dim, "], contiguous");
+        for (const at::Tensor* m : {&input_ids, &positions, &slot_mapping, &block_tables,
+                                    &seq_lens, &query_start_loc})
+            TORCH_CHECK(m->scalar_type() == at::kInt && m->is_contiguous(),
+                        "Decoder: step inputs must be contiguous int32");
+        const int64_t num_seqs = seq_lens.size(0), block_size = k_cache.size(2);
+        TORCH_CHECK(positions.numel() == tokens && slot_mapping.numel() == tokens &&
+                    query_start_loc.numel() == num_seqs + 1 && block_tables.dim() == 2 &&
+                    block_tables.size(0) == num_seqs, "Decoder: step input shapes");
+        const int64_t slots = k_cache.size(1) * block_size, layer_elems = slots * kv_size;
+
+        const auto opts = embed_.options();
+        at::Tensor out = at::empty({tokens, hidden}, opts);
+        at::Tensor work = at::empty(
+            {tokens * (4 * hidden + width + q_size + 3 * inter + 2 * dim)}, opts);
+        float* res = work.data_ptr<float>();    // the residual stream
+        float* x = res + tokens * hidden;       // a layer's output, the next one's input
+        float* h = x + tokens * hidden;         // normed input of attention, then of the MLP
+        float* o = h + tokens * hidden;         // attention output projected
+        float* qkv = o + tokens * hidden;
+        float* attn = qkv + tokens * width;
+        float* gate_up = attn + tokens * q_size;
+        float* act = gate_up + tokens * 2 * inter;
+        float* c = act + tokens * inter;        // cos and sin rows of the tokens' positions
+        float* s = c + tokens * dim;
+        const int32_t* ids = input_ids.data_ptr<int32_t>();
+        const int32_t* pos = positions.data_ptr<int32_t>();
+        const int64_t vocab = embed_.size(0), max_pos = cos_.size(0);
+        for (int64_t t = 0; t < tokens; ++t) {
+            TORCH_CHECK(ids[t] >= 0 && ids[t] < vocab, "Decoder: token id ", ids[t],
+                        " outside the vocabulary of ", vocab);
+            TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "Decoder: position ", pos[t],
+                        " outside the rotary table of ", max_pos);
+            std::memcpy(res + t * hidden, embed_.data_ptr<float>() + ids[t] * hidden,
+                        hidden * sizeof(float));
+            std::memcpy(c + t * dim, cos_.data_ptr<float>() + pos[t] * dim, dim * sizeof(float));
+            std::memcpy(s + t * dim, sin_.data_ptr<float>() + pos[t] * dim, dim * sizeof(float));
+        }
+        const int32_t* slot = slot_mapping.data_ptr<int32_t>();
+        for (int64_t l = 0; l < layers_; ++l) {
+            const float* const* p = &ptrs_[12 * l];
+            float* kc = k_cache.data_ptr<float>() + l * layer_elems;
+            float* vc = v_cache.data_ptr<float>() + l * layer_elems;
+            if (l == 0)     // the residual is the embeddings: nothing to add yet
+                rms_norm_rows(res, hidden, nullptr, p[0], tokens, hidden, eps_, h, hidden);
+            else
+                rms_norm_rows(x, hidden, res, p[0], tokens, hidden, eps_, h, hidden);
+            linear_rows(h, tokens, hidden, p[1], width, p[6], qkv);
+            float* q = qkv;
+            float* k = qkv + q_size;
+            if (p[10])
+                for (int64_t t = 0; t < tokens; ++t) {
+                    rms_norm_rows(q + t * width, dim, nullptr, p[10], heads_, dim, eps_,
+                                  q + t * width, dim);
+                    rms_norm_rows(k + t * width, dim, nullptr, p[11], kv_heads_, dim, eps_,
+                                  k + t * width, dim);
+                }
+            rotary_rows(q, width, dim, q, width, tokens, heads_, dim, c, s);
+            rotary_rows(k, width, dim, k, width, tokens, kv_heads_, dim, c, s);
+            store_rows(reinterpret_cast<const char*>(k),
+                       reinterpret_cast<const char*>(k + kv_size), width * 4,
+                       reinterpret_cast<char*>(kc), reinterpret_cast<char*>(vc), slot, tokens,
+                       slots, kv_size * 4);
+            decode_rows(q, width, dim, kc, vc, block_tables.data_ptr<int32_t>(),
+                        block_tables.size(1), seq_lens.data_ptr<int32_t>(),
+                        query_start_loc.data_ptr<int32_t>(), num_seqs, block_size, kv_heads_,
+                        heads_, dim, scale_, attn, q_size, dim);
+            if (tokens > num_seqs) {    // prefill chunks: tensors over the same memory
+                const at::Tensor qv = at::from_blob(q, {tokens, heads_, dim}, {width, dim, 1}, opts);
+                at::Tensor av = at::from_blob(attn, {tokens, heads_, dim}, opts);
+                paged_prefill(qv, k_cache[l], v_cache[l], block_tables, seq_lens,
+                              query_start_loc, scale_, av);
+            }
+            linear_rows(attn, tokens, q_size, p[2], hidden, p[7], o);
+            rms_norm_rows(o, hidden, res, p[3], tokens, hidden, eps_, h, hidden);
+            linear_rows(h, tokens, hidden, p[4], 2 * inter, p[8], gate_up);
+            silu_mul_rows(gate_up, tokens, inter, act);
+            linear_rows(act, tokens, inter, p[5], hidden, p[9], x);
+        }
+        rms_norm_rows(x, hidden, res, final_norm_.data_ptr<float>(), tokens, hidden, eps_,
+                      out.data_ptr<float>(), hidden);
+        return out;
+    }
+
+  private:
+    at::Tensor embed_;
+    std::vector<at::Tensor> weights_;       // kept alive: ptrs_ points into them
+    std::vector<c10::optional<at::Tensor>> extras_;
+    at::Tensor final_norm_, cos_, sin_;
+    std::vector<const float*> ptrs_;        // per layer: 6 weights, then 6 extras (or null)
+    int64_t layers_, heads_, kv_heads_, head_dim_, hidden_, inter_;
+    double eps_, scale_;
+};
 
 }  // namespace tsllm
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
-    m.def("decoder_layers(Tensor x, Tensor(a!) residual, Tensor[] weights, Tensor?[] extras, "
-          "int[] sizes, float eps, Tensor cos, Tensor sin, Tensor(b!)[] k_caches, "
-          "Tensor(c!)[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
-          "Tensor query_start_loc, float scale, int num_heads, int num_kv_heads, "
-          "int head_dim) -> Tensor");
-    m.impl("decoder_layers", c10::DispatchKey::CPU, &tsllm::decoder_layers);
+    m.class_<tsllm::Decoder>("Decoder")
+        .def(torch::init<at::Tensor, std::vector<at::Tensor>,
+                         std::vector<c10::optional<at::Tensor>>, at::Tensor, at::Tensor,
+                         at::Tensor, std::vector<int64_t>, double, double,
+                         std::vector<int64_t>>())
+        .def("forward", &tsllm::Decoder::forward);
 }

@@ -132,6 +132,28 @@ static void tile_rows(int64_t rows, const float* x, int64_t k, const float* pane
     }
 }
 
+void linear_rows(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
+                 const float* bias, float* y) {
+    const int64_t panels = (n + kPanel - 1) / kPanel;
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r0);
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+            int64_t p = begin;
+            if (rows == 1)
+                for (; p + kStreams <= std::min(end, n / kPanel); p += kStreams)
+                    row_streams(x + r0 * k, k, packed + p * k * kPanel,
+                                bias ? bias + p * kPanel : nullptr, y + r0 * n + p * kPanel);
+            for (; p < end; ++p) {
+                const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
+                const float* panel = packed + p * k * kPanel;
+                for (int64_t r = 0; r < rows; r += kMaxRows)
+                    tile_rows(std::min(kMaxRows, rows - r), x + (r0 + r) * k, k, panel,
+                              bias ? bias + col : nullptr, cols, y + (r0 + r) * n + col, n);
+            }
+        });
+    }
+}
+
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                          const c10::optional<at::Tensor>& bias) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -148,26 +170,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
         bp = bias->data_ptr<float>();
     }
     at::Tensor y = at::empty({m, n}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const float* wp = packed.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, m - r0);
-        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-            int64_t p = begin;
-            if (rows == 1)
-                for (; p + kStreams <= std::min(end, n / kPanel); p += kStreams)
-                    row_streams(xp + r0 * k, k, wp + p * k * kPanel, bp ? bp + p * kPanel : nullptr,
-                                yp + r0 * n + p * kPanel);
-            for (; p < end; ++p) {
-                const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
-                const float* panel = wp + p * k * kPanel;
-                for (int64_t r = 0; r < rows; r += kMaxRows)
-                    tile_rows(std::min(kMaxRows, rows - r), xp + (r0 + r) * k, k, panel,
-                              bp ? bp + col : nullptr, cols, yp + (r0 + r) * n + col, n);
-            }
-        });
-    }
+    linear_rows(x.data_ptr<float>(), m, k, packed.data_ptr<float>(), n, bp, y.data_ptr<float>());
     return y;
 }
 

@@ -18,6 +18,24 @@
 
 namespace tsllm {
 
+void rms_norm_rows(const float* x, int64_t x_stride, float* residual, const float* weight,
+                   int64_t rows, int64_t n, double eps, float* y, int64_t y_stride) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const float* h = x + r * x_stride;
+            if (residual) {
+                float* res = residual + r * n;
+                for (int64_t i = 0; i < n; ++i) res[i] += h[i];
+                h = res;
+            }
+            const float mean = vec::dot(h, h, n) / static_cast<float>(n);
+            const float inv = 1.f / std::sqrt(mean + static_cast<float>(eps));
+            float* out = y + r * y_stride;
+            for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (h[i] * inv);
+        }
+    });
+}
+
 // y = w * (h * rsqrt(mean(h^2) + eps)) with h = x, or, given a residual, h = residual + x
 // stored back into the residual (the decoder's residual add fused into its next norm).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
@@ -31,45 +49,38 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                     residual->scalar_type() == at::kFloat, "rms_norm: residual like x");
         rp = residual->data_ptr<float>();
     }
-    const int64_t rows = x.size(0), n = x.size(1);
+    const int64_t n = x.size(1);
     at::Tensor y = at::empty_like(x);
-    const float* xp = x.data_ptr<float>();
-    const float* wp = weight.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-            const float* h = xp + r * n;
-            if (rp) {
-                float* res = rp + r * n;
-                for (int64_t i = 0; i < n; ++i) res[i] += h[i];
-                h = res;
-            }
-            const float mean = vec::dot(h, h, n) / static_cast<float>(n);
-            const float inv = 1.f / std::sqrt(mean + static_cast<float>(eps));
-            for (int64_t i = 0; i < n; ++i) yp[r * n + i] = wp[i] * (h[i] * inv);
-        }
-    });
+    rms_norm_rows(x.data_ptr<float>(), n, rp, weight.data_ptr<float>(), x.size(0), n, eps,
+                  y.data_ptr<float>(), n);
     return y;
 }
 
-// out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t]; out is contiguous.
-static at::Tensor rotate(const at::Tensor& x, const float* cos, const float* sin) {
-    const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
-    at::Tensor out = at::empty({tokens, heads, dim}, x.options());
-    const float* xp = x.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+void rotary_rows(const float* x, int64_t x_token_stride, int64_t x_head_stride, float* out,
+                 int64_t out_token_stride, int64_t tokens, int64_t heads, int64_t dim,
+                 const float* cos, const float* sin) {
+    const int64_t half = dim / 2;
     for (int64_t t = 0; t < tokens; ++t) {
         const float* c = cos + t * dim;
         const float* s = sin + t * dim;
         for (int64_t h = 0; h < heads; ++h) {
-            const float* xi = xp + t * x.stride(0) + h * x.stride(1);
-            float* o = op + (t * heads + h) * dim;
+            const float* xi = x + t * x_token_stride + h * x_head_stride;
+            float* o = out + t * out_token_stride + h * dim;
             for (int64_t i = 0; i < half; ++i) {
-                o[i] = xi[i] * c[i] + (-xi[i + half]) * s[i];
-                o[i + half] = xi[i + half] * c[i + half] + xi[i] * s[i + half];
+                const float a = xi[i], b = xi[i + half];    // read both first: o may be xi
+                o[i] = a * c[i] + (-b) * s[i];
+                o[i + half] = b * c[i + half] + a * s[i + half];
             }
         }
     }
+}
+
+// out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t]; out is contiguous.
+static at::Tensor rotate(const at::Tensor& x, const float* cos, const float* sin) {
+    const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2);
+    at::Tensor out = at::empty({tokens, heads, dim}, x.options());
+    rotary_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), out.data_ptr<float>(),
+                heads * dim, tokens, heads, dim, cos, sin);
     return out;
 }
 

@@ -1,31 +1,35 @@
-// The compiled CPU ops as C++ functions, so that decoder_layers.cpp calls them directly (no
-// dispatcher, no Python); each is defined, and registered as `torch.ops.tsllm_cpu.<name>`, in
-// the file named beside it.
+// The compiled CPU kernels as C++ functions, so that decoder_layers.cpp calls them directly (no
+// dispatcher, no Python, no tensors between them): each works on raw pointers (strides in
+// elements unless named bytes) and is defined in the file named beside it, next to the torch
+// op (`torch.ops.tsllm_cpu.<name>`) that checks its tensors and calls it.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <tuple>
-
 namespace tsllm {
 
-// linear.cpp
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
-                         const c10::optional<at::Tensor>& bias);
-// norm_rope.cpp
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
-                    const c10::optional<at::Tensor>& residual);
-std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k,
-                                          const at::Tensor& cos, const at::Tensor& sin);
+// linear.cpp: y [m, n] = x [m, k] W^T + bias, W packed (see the file)
+void linear_rows(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
+                 const float* bias, float* y);
+// norm_rope.cpp: y may be x (no residual); rotary's out may be x (same strides)
+void rms_norm_rows(const float* x, int64_t x_stride, float* residual, const float* weight,
+                   int64_t rows, int64_t n, double eps, float* y, int64_t y_stride);
+void rotary_rows(const float* x, int64_t x_token_stride, int64_t x_head_stride, float* out,
+                 int64_t out_token_stride, int64_t tokens, int64_t heads, int64_t dim,
+                 const float* cos, const float* sin);
 // activation.cpp
-at::Tensor silu_mul(const at::Tensor& gate_up);
-// store_kv.cpp
-void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
-              at::Tensor& v_cache, const at::Tensor& slot_mapping);
-// paged_attention.cpp
-void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                  const at::Tensor& query_start_loc, double scale, at::Tensor& out);
+void silu_mul_rows(const float* gate_up, int64_t rows, int64_t n, float* y);
+// store_kv.cpp: token t's K and V rows (`bytes` each, `stride` bytes apart) into slot[t]
+void store_rows(const char* k, const char* v, int64_t stride, char* k_cache, char* v_cache,
+                const int32_t* slot, int64_t tokens, int64_t slots, int64_t bytes);
+// paged_attention.cpp: the decode rows (query length 1) of each sequence (fp32 instantiated),
+// and the op's prefill chunks (SDPA per sequence; tensors, as the op takes them)
+template <typename T>
+void decode_rows(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* k_cache,
+                 const T* v_cache, const int32_t* tables, int64_t max_blocks,
+                 const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs,
+                 int64_t block_size, int64_t kv_heads, int64_t heads, int64_t dim, double scale,
+                 T* out, int64_t out_token_stride, int64_t out_head_stride);
 void paged_prefill(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                    const at::Tensor& query_start_loc, double scale, at::Tensor& out);

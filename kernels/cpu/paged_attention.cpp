@@ -17,6 +17,30 @@
 
 namespace tsllm {
 
+template <typename T>
+void decode_rows(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* k_cache,
+                 const T* v_cache, const int32_t* tables, int64_t max_blocks,
+                 const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs,
+                 int64_t block_size, int64_t kv_heads, int64_t heads, int64_t dim, double scale,
+                 T* out, int64_t out_token_stride, int64_t out_head_stride) {
+    at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> work(decode::scratch_size(heads, dim, block_size));
+        for (int64_t s = begin; s < end; ++s) {
+            if (query_start_loc[s + 1] - query_start_loc[s] != 1) continue;
+            const int64_t row = query_start_loc[s];
+            decode::attend(q + row * q_token_stride, q_head_stride, k_cache, v_cache,
+                           tables + s * max_blocks, seq_lens[s], block_size, kv_heads,
+                           heads / kv_heads, dim, static_cast<float>(scale),
+                           out + row * out_token_stride, out_head_stride, work.data());
+        }
+    });
+}
+
+template void decode_rows<float>(const float*, int64_t, int64_t, const float*, const float*,
+                                 const int32_t*, int64_t, const int32_t*, const int32_t*,
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, double, float*,
+                                 int64_t, int64_t);
+
 void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
                   const at::Tensor& query_start_loc, double scale, at::Tensor& out) {
@@ -30,30 +54,17 @@ void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::
     TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() &&
                 out.scalar_type() == query.scalar_type(),
                 "paged_decode: query, caches and out must share a dtype");
-    const int64_t num_seqs = seq_lens.size(0), heads = query.size(1), dim = query.size(2);
+    const int64_t heads = query.size(1), dim = query.size(2);
     const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
     TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(3) == dim, "paged_decode: head shapes");
-    const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
-    const int32_t* lens = seq_lens.data_ptr<int32_t>();
-    const int32_t* starts = query_start_loc.data_ptr<int32_t>();
-    const int32_t* tables = block_tables.data_ptr<int32_t>();
     auto run = [&](auto zero) {
         using scalar_t = decltype(zero);
-        const scalar_t* q = query.data_ptr<scalar_t>();
-        const scalar_t* kc = k_cache.data_ptr<scalar_t>();
-        const scalar_t* vc = v_cache.data_ptr<scalar_t>();
-        scalar_t* o = out.data_ptr<scalar_t>();
-        at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-            std::vector<float> work(decode::scratch_size(heads, dim, block_size));
-            for (int64_t s = begin; s < end; ++s) {
-                if (starts[s + 1] - starts[s] != 1) continue;
-                const int64_t row = starts[s];
-                decode::attend(q + row * query.stride(0), query.stride(1), kc, vc,
-                               tables + s * max_blocks, lens[s], block_size, kv_heads, group, dim,
-                               static_cast<float>(scale), o + row * out.stride(0), out.stride(1),
-                               work.data());
-            }
-        });
+        decode_rows(query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
+                    k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                    block_tables.data_ptr<int32_t>(), block_tables.size(1),
+                    seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
+                    seq_lens.size(0), block_size, kv_heads, heads, dim, scale,
+                    out.data_ptr<scalar_t>(), out.stride(0), out.stride(1));
     };
     switch (query.scalar_type()) {
         case at::kFloat: return run(float{});

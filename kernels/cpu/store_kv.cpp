@@ -13,14 +13,19 @@
 namespace tsllm {
 
 template <typename S>
-void copy_rows(const char* k, const char* v, char* kc, char* vc, const S* slot, int64_t tokens,
-               int64_t slots, int64_t bytes) {
+static void copy_rows(const char* k, const char* v, int64_t stride, char* kc, char* vc,
+                      const S* slot, int64_t tokens, int64_t slots, int64_t bytes) {
     for (int64_t t = 0; t < tokens; ++t) {
         if (slot[t] < 0) continue;
         TORCH_CHECK(slot[t] < slots, "store_kv: slot ", slot[t], " past the cache's ", slots);
-        std::memcpy(kc + slot[t] * bytes, k + t * bytes, bytes);
-        std::memcpy(vc + slot[t] * bytes, v + t * bytes, bytes);
+        std::memcpy(kc + slot[t] * bytes, k + t * stride, bytes);
+        std::memcpy(vc + slot[t] * bytes, v + t * stride, bytes);
     }
+}
+
+void store_rows(const char* k, const char* v, int64_t stride, char* kc, char* vc,
+                const int32_t* slot, int64_t tokens, int64_t slots, int64_t bytes) {
+    copy_rows(k, v, stride, kc, vc, slot, tokens, slots, bytes);
 }
 
 void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
@@ -43,9 +48,9 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
     const auto* k = static_cast<const char*>(key.data_ptr());
     const auto* v = static_cast<const char*>(value.data_ptr());
     if (slot_type == at::kLong)
-        copy_rows(k, v, kc, vc, slot_mapping.data_ptr<int64_t>(), tokens, slots, bytes);
+        copy_rows(k, v, bytes, kc, vc, slot_mapping.data_ptr<int64_t>(), tokens, slots, bytes);
     else
-        copy_rows(k, v, kc, vc, slot_mapping.data_ptr<int32_t>(), tokens, slots, bytes);
+        copy_rows(k, v, bytes, kc, vc, slot_mapping.data_ptr<int32_t>(), tokens, slots, bytes);
 }
 
 }  // namespace tsllm

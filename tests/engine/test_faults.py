@@ -85,8 +85,8 @@ def test_detokenizer_error_fails_its_request_alone(llm, clean, monkeypatch):
 @pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory (injected)"),
                                  RuntimeError("triton kernel launch failed (injected)")])
 def test_step_fault_fails_that_steps_requests_and_engine_goes_on(llm, clean, monkeypatch, exc):
-    norm = llm.runner.model.model.norm      # the final norm: after every layer wrote K/V
-    real, calls = norm.forward, []
+    model = llm.runner.model    # the logits: after every layer wrote K/V
+    real, calls = model.logits, []
 
     def forward(*args, **kwargs):       # fails in the 3rd step
         calls.append(1)
@@ -94,7 +94,7 @@ def test_step_fault_fails_that_steps_requests_and_engine_goes_on(llm, clean, mon
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(norm, "forward", forward)
+    monkeypatch.setattr(model, "logits", forward)
     for i, prompt in enumerate(PROMPTS):    # max_num_seqs 2: the third waits outside the batch
         llm.add_request(f"r{i}", prompt, GREEDY)
     results = {}

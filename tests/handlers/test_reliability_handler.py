@@ -239,8 +239,8 @@ def test_detokenizer_error_mid_stream_fails_that_stream_alone(handler, monkeypat
 
 def test_step_fault_fails_its_streams_and_the_next_request_is_served(handler, monkeypatch):
     import torch
-    norm = handler.loop.engine.runner.model.model.norm
-    real, calls = norm.forward, []
+    model = handler.loop.engine.runner.model
+    real, calls = model.logits, []
 
     def forward(*args, **kwargs):
         calls.append(1)
@@ -248,7 +248,7 @@ def test_step_fault_fails_its_streams_and_the_next_request_is_served(handler, mo
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(norm, "forward", forward)
+    monkeypatch.setattr(model, "logits", forward)
     fe = Frontend(handler)
     streams = [fe.send(f"s{i}", LONG | {"stream": True, "max_tokens": 50}) for i in range(3)]
     fe.run()
