@@ -8,9 +8,10 @@ context (a device-side assert) cannot be survived in-process: every later step f
 way, which the handler reports per request while TorchServe's worker keeps answering.
 """
 import logging
-import math
 
 import torch
+
+import kernels
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +20,8 @@ NONFINITE_MESSAGE = "the model produced non-finite logits (NaN or inf) for this 
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
-    """Per row of ``[rows, vocab]`` logits: True if every value is finite. A row's max and
-    min propagate NaN and show +-inf, so two plain reductions, read back together, decide it
-    (on CPU ~6x faster than ``isfinite(...).all()``: 64 SmolLM2 rows 3.7 vs 20.5 ms, one row
-    ~30 vs 200 us, measured)."""
-    highs, lows = torch.stack([logits.amax(dim=-1), logits.amin(dim=-1)]).tolist()
-    return [math.isfinite(hi) and math.isfinite(lo) for hi, lo in zip(highs, lows)]
+    """Per row of ``[rows, vocab]`` logits: True if every value is finite."""
+    return kernels.finite_rows(logits).tolist()
 
 
 def sequence_error(stage: str, exc: BaseException) -> str:

@@ -7,6 +7,7 @@ host-device sync of a step is reading the sampled tokens back.
 """
 import torch
 
+import kernels
 from engine.sequence import Sequence
 from engine.structured_output import mask
 
@@ -24,7 +25,7 @@ class Sampler:
             logits = self._penalize(logits, seqs)
         if any(s.grammar is not None for s in seqs):
             mask(logits, [s.grammar for s in seqs])
-        greedy = logits.argmax(dim=-1)
+        greedy = kernels.argmax_rows(logits)
         if all(s.params.greedy for s in seqs):
             return greedy.tolist()
         device = logits.device
@@ -37,7 +38,7 @@ class Sampler:
         for row, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
                 noise[row].exponential_(generator=_on_device(seq, device))
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = kernels.argmax_rows(probs / noise)
         is_greedy = _column([p.greedy for p in params], torch.bool, device)
         return torch.where(is_greedy, greedy, sampled).tolist()
 

@@ -24,9 +24,9 @@ from kernels import cpu_build
 from kernels.huge_pages import HugePageArena
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "HugePageArena", "bind_decoder", "compiled_cpu", "get_backend",
-           "linear_packed", "pack_linear", "paged_attention", "rms_norm", "set_backend",
-           "store_kv"]
+__all__ = ["BACKENDS", "HugePageArena", "argmax_rows", "bind_decoder", "compiled_cpu",
+           "finite_rows", "get_backend", "linear_packed", "pack_linear", "paged_attention",
+           "rms_norm", "set_backend", "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
@@ -105,6 +105,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``);
     given ``residual``, of ``residual + x``, which is stored back into ``residual``."""
     return torch.ops.tsllm_cpu.rms_norm(x, weight, eps, residual)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum of ``x [rows, n]`` (NaN counts as the maximum),
+    as ``x.argmax(dim=-1)``: one vectorized pass for fp32 on CPU (torch's is ~9x slower)."""
+    if x.dtype == torch.float32 and x.dim() == 2 and x.numel() and _use_cpu(x):
+        return torch.ops.tsllm_cpu.argmax_rows(x.contiguous())
+    return x.argmax(dim=-1)
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x [rows, n]``: whether every value is finite (a bool tensor), in one
+    vectorized pass for fp32 on CPU; elsewhere a row's max and min, which propagate NaN and
+    show +-inf."""
+    if x.dtype == torch.float32 and x.dim() == 2 and x.numel() and _use_cpu(x):
+        return torch.ops.tsllm_cpu.finite_rows(x.contiguous())
+    return torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1))
 
 
 def bind_decoder(embed: torch.Tensor, weights: list[torch.Tensor],

@@ -2,8 +2,8 @@
 attention (mixed with prefill chunks, GQA groups, head sizes off the vector width, fp16/bf16,
 blocks in random places), the KV store (skipped slots, int32 and int64 slots) and the packed
 linear layer (every row count of the micro-kernel's tiles, one row over groups of four panels
-and the panels left over, partial panels, bias); plus the
-build cache and the fallback when no compiler is found."""
+and the panels left over, partial panels, bias), the logits scans (argmax with ties, NaN and
+infinities; finiteness); plus the build cache and the fallback when no compiler is found."""
 import logging
 
 import pytest
@@ -203,3 +203,40 @@ def test_rotary_is_bit_identical_to_rotate_half() -> None:
     got_q, got_k = torch.ops.tsllm_cpu.rotary(q, k, cos, sin)
     assert got_q.is_contiguous() and got_k.is_contiguous()
     assert torch.equal(got_q, _rotate(q, cos, sin)) and torch.equal(got_k, _rotate(k, cos, sin))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 49152])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_rows_matches_torch_with_ties_nan_and_infinities(n: int, threads: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(12, n, generator=gen)
+    x[1] = float("-inf")                        # every value -inf: index 0
+    x[2] = 0.5                                  # all tied: the first
+    x[3, n // 2:] = x[3].max() + 1              # a tie from the middle on: its first index
+    x[4, -1] = float("inf")
+    x[5, n // 3] = float("nan")                 # NaN counts as the maximum
+    x[6, 0], x[6, -1] = float("nan"), float("nan")
+    x[7, -1] = x[7].max() + 1                   # in the scalar tail
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.tsllm_cpu.argmax_rows(x)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(dim=-1))
+    assert torch.equal(kernels.argmax_rows(x.T.contiguous().T), x.argmax(dim=-1))  # strided in
+    assert torch.equal(kernels.argmax_rows(x.double()), x.double().argmax(dim=-1))  # torch's
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 49152])
+def test_finite_rows_flags_nan_and_infinities_anywhere(n: int) -> None:
+    x = torch.randn(8, n)
+    x[1, 0] = float("nan")
+    x[2, -1] = float("inf")
+    x[3, n // 2] = float("-inf")
+    x[4] = torch.finfo(torch.float32).max       # large but finite
+    x[5, -1] = float("nan")                     # in the scalar tail
+    want = torch.isfinite(x).all(dim=-1)
+    assert torch.equal(torch.ops.tsllm_cpu.finite_rows(x), want)
+    assert want.tolist() == [True, False, False, False, True, False, True, True]
+    assert torch.equal(kernels.finite_rows(x.half()), torch.isfinite(x.half()).all(dim=-1))
