@@ -9,8 +9,8 @@ applies (fp32 on CPU under ``auto``), into huge pages (``HugePageArena``, which 
 uses too), and ``linear_packed`` runs the layer on it; elsewhere the model keeps
 ``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's weights (linears
 packed) once into a compiled object that runs a step's embedding lookup, layers and final
-norm in one call (the model's CPU fp32 path); ``rms_norm``
-(with the residual add fused in) is the compiled norm the model calls for its final norm.
+norm in one call (the model's CPU fp32 path); ``argmax_rows`` and ``finite_rows`` scan
+logits rows in one pass each.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -24,9 +24,9 @@ from kernels import cpu_build
 from kernels.huge_pages import HugePageArena
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "HugePageArena", "argmax_rows", "bind_decoder", "compiled_cpu",
-           "finite_rows", "get_backend", "linear_packed", "pack_linear", "paged_attention",
-           "rms_norm", "set_backend", "store_kv"]
+__all__ = ["BACKENDS", "HugePageArena", "argmax_rows", "bind_decoder", "finite_rows",
+           "get_backend", "linear_packed", "pack_linear", "paged_attention", "set_backend",
+           "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
@@ -95,18 +95,6 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     return _cpu_fns[1](x, packed, out_features, bias)
 
 
-def compiled_cpu(t: torch.Tensor) -> bool:
-    """True where the model's fp32 CPU layers may call ``rms_norm``."""
-    return t.dtype == torch.float32 and _use_cpu(t)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Compiled RMSNorm of contiguous fp32 rows ``[tokens, hidden]`` (see ``compiled_cpu``);
-    given ``residual``, of ``residual + x``, which is stored back into ``residual``."""
-    return torch.ops.tsllm_cpu.rms_norm(x, weight, eps, residual)
-
-
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """The first index of each row's maximum of ``x [rows, n]`` (NaN counts as the maximum),
     as ``x.argmax(dim=-1)``: one vectorized pass for fp32 on CPU (torch's is ~9x slower)."""
@@ -128,7 +116,7 @@ def bind_decoder(embed: torch.Tensor, weights: list[torch.Tensor],
                  extras: list[torch.Tensor | None], final_norm: torch.Tensor,
                  rope: tuple[torch.Tensor, torch.Tensor], sizes: list[int], eps: float,
                  scale: float, heads: tuple[int, int, int]) -> torch.ScriptObject:
-    """A decoder's weights bound once into a compiled ``Decoder`` (``cpu/decoder_layers.cpp``
+    """A decoder's weights bound once into a compiled ``Decoder`` (``cpu/decoder.cpp``
     lists them: six weights and six extras per layer, linears packed; ``rope`` is the cos and
     sin tables; ``heads`` is (query heads, KV heads, head dim)). Its ``forward(input_ids,
     positions, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)``

@@ -1,4 +1,4 @@
-// The compiled CPU kernels as C++ functions, so that decoder_layers.cpp calls them directly (no
+// The compiled CPU kernels as C++ functions, so that decoder.cpp calls them directly (no
 // dispatcher, no Python, no tensors between them): each works on raw pointers (strides in
 // elements unless named bytes) and is defined in the file named beside it, next to the torch
 // op (`torch.ops.tsllm_cpu.<name>`) that checks its tensors and calls it.
