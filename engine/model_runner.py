@@ -98,7 +98,7 @@ class ModelRunner:
         self._score_prompts(batch, hidden, starts, q_starts)
         tokens: list[int | None] = [None] * (len(batch.seqs) + len(batch.forks))
         if rows:
-            logits = self.model.logits(hidden[last_rows])
+            logits = self.model.logits(hidden.index_select(0, last_rows))
             seqs = [batch.seqs[r] for r in sample_rows] + [child for _, child in batch.forks]
             slots = sample_rows + list(range(len(batch.seqs), len(tokens)))   # where tokens go
             finite = finite_rows(logits)

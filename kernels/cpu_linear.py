@@ -31,6 +31,8 @@ def pack(weight: torch.Tensor, arena: HugePageArena) -> torch.Tensor:
 def linear_packed_cpu(x: torch.Tensor, packed: torch.Tensor, out_features: int,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` for ``x [..., in]`` and ``packed = pack(W)``."""
+    if x.dim() == 2 and x.is_contiguous():      # the model's case: no reshaping ops
+        return torch.ops.tsllm_cpu.linear_packed(x, packed, out_features, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.tsllm_cpu.linear_packed(rows, packed, out_features, bias)
     return y.view(*x.shape[:-1], out_features)
