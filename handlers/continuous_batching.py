@@ -185,8 +185,9 @@ class ContinuousBatchingHandler(BaseHandler):
         if not stream.finished:
             if not framer.stream:       # held: its text accumulates in the stream
                 return None
-            self.started.add(rid)
-            return framer.chunk(outputs, stream), False
+            chunk = framer.chunk(outputs, stream)
+            self.started.add(rid)       # only once its first chunk exists (see _crash)
+            return chunk, False
         self._forget(rid)
         if first:
             self.closed.add(rid)

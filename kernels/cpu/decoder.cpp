@@ -175,7 +175,8 @@ struct Decoder : torch::CustomClassHolder {
                         query_start_loc.data_ptr<int32_t>(), num_seqs, block_size, kv_heads_,
                         heads_, dim, scale_, attn, q_size, dim);
             if (tokens > num_seqs) {    // prefill chunks: tensors over the same memory
-                const at::Tensor qv = at::from_blob(q, {tokens, heads_, dim}, {width, dim, 1}, opts);
+                const at::Tensor qv =
+                    at::from_blob(q, {tokens, heads_, dim}, {width, dim, 1}, opts);
                 at::Tensor av = at::from_blob(attn, {tokens, heads_, dim}, opts);
                 paged_prefill(qv, k_cache[l], v_cache[l], block_tables, seq_lens,
                               query_start_loc, scale_, av);

@@ -260,21 +260,29 @@ def test_step_fault_fails_its_streams_and_the_next_request_is_served(handler, mo
     assert after.status == 200 and json.loads(after.text)["usage"]["completion_tokens"] == 6
 
 
-def test_a_crash_while_answering_fails_that_request_alone(handler, monkeypatch):
+@pytest.mark.parametrize("crash_at", [1, 2])     # its first chunk, or a later one
+def test_a_crash_while_answering_fails_that_request_alone(handler, monkeypatch, crash_at):
     from handlers.framing import Framer
-    real = Framer.chunk
+    real, calls = Framer.chunk, []
 
     def chunk(self, outputs, stream):
-        if stream.request_id == "bad" and stream.completion_tokens > 3:
-            raise KeyError("renderer bug (injected)")
+        if stream.request_id == "bad":
+            calls.append(1)
+            if len(calls) >= crash_at:
+                raise KeyError("renderer bug (injected)")
         return real(self, outputs, stream)
 
     monkeypatch.setattr(Framer, "chunk", chunk)
-    fe = Frontend(handler)
+    fe = Frontend(handler)      # it asserts that no first response is final (client hangs)
     bad = fe.send("bad", LONG | {"stream": True, "max_tokens": 60})
     ok = fe.send("ok", LONG | {"stream": True, "max_tokens": 60})
     fe.run()
-    assert bad.lines()[-1] == {"finish_reason": "error", "error": "internal error: KeyError"}
+    if crash_at == 1:       # nothing sent yet: the error gets its own status
+        assert bad.status == 500
+        assert json.loads(bad.text)["error"]["message"] == "internal error: KeyError"
+    else:
+        assert bad.status == 200
+        assert bad.lines()[-1] == {"finish_reason": "error", "error": "internal error: KeyError"}
     assert ok.lines()[-1]["finish_reason"] == "length"
     assert blocks_freed(handler)
 
