@@ -98,7 +98,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """The first index of each row's maximum of ``x [rows, n]`` (NaN counts as the maximum),
     as ``x.argmax(dim=-1)``: one vectorized pass for fp32 on CPU (torch's is ~9x slower)."""
-    if x.dtype == torch.float32 and x.dim() == 2 and x.numel() and _use_cpu(x):
+    if _scannable(x):
         return torch.ops.tsllm_cpu.argmax_rows(x.contiguous())
     return x.argmax(dim=-1)
 
@@ -107,9 +107,14 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Per row of ``x [rows, n]``: whether every value is finite (a bool tensor), in one
     vectorized pass for fp32 on CPU; elsewhere a row's max and min, which propagate NaN and
     show +-inf."""
-    if x.dtype == torch.float32 and x.dim() == 2 and x.numel() and _use_cpu(x):
+    if _scannable(x):
         return torch.ops.tsllm_cpu.finite_rows(x.contiguous())
     return torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1))
+
+
+def _scannable(x: torch.Tensor) -> bool:
+    """Rows the compiled logits scans take: non-empty fp32 ``[rows, n]`` on CPU."""
+    return x.dtype == torch.float32 and x.dim() == 2 and x.numel() > 0 and _use_cpu(x)
 
 
 def bind_decoder(embed: torch.Tensor, weights: list[torch.Tensor],

@@ -14,7 +14,7 @@ from kernels.huge_pages import HugePageArena
 
 __all__ = ["PANEL", "linear_packed_cpu", "pack"]
 
-PANEL = 16      # outputs per panel, as kPanel in cpu/linear.cpp
+PANEL = 16      # outputs per panel, as kPanel in cpu/ops.h
 
 
 def pack(weight: torch.Tensor, arena: HugePageArena) -> torch.Tensor:

@@ -26,8 +26,6 @@ namespace tsllm {
 
 namespace {
 
-constexpr int64_t kPanel = 16;      // as in linear.cpp
-
 const float* pointer(const c10::optional<at::Tensor>& t, int64_t numel, const char* what) {
     if (!t.has_value() || !t->defined()) return nullptr;
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel,

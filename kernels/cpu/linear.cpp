@@ -20,7 +20,6 @@
 
 namespace tsllm {
 
-constexpr int64_t kPanel = 16;       // outputs per panel: two AVX2 vectors
 constexpr int64_t kMaxRows = 6;      // rows per micro-kernel tile: 12 accumulators
 constexpr int64_t kRowBlock = 60;    // rows whose x stays in L2 while every panel passes
 // Weights are prefetched this many floats (512 B) ahead of the loads: with one row in one

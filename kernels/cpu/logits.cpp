@@ -79,7 +79,8 @@ bool finite_row(const float* x, int64_t n) {
             const __m256 v = _mm256_loadu_ps(x + i + 8 * s);
             acc[s] = _mm256_add_ps(acc[s], _mm256_sub_ps(v, v));
         }
-    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    __m256 sum = acc[0];
+    for (int s = 1; s < kSets; ++s) sum = _mm256_add_ps(sum, acc[s]);
     if (_mm256_movemask_ps(_mm256_cmp_ps(sum, _mm256_setzero_ps(), _CMP_EQ_OQ)) != 0xff)
         return false;
 #endif
@@ -88,36 +89,30 @@ bool finite_row(const float* x, int64_t n) {
     return true;
 }
 
-void check(const at::Tensor& x, const char* op) {
+// out[r] = scan(row r, n) for every row of contiguous fp32 x [rows, n], rows in parallel.
+template <typename Out, typename Scan>
+at::Tensor scan_rows(const at::Tensor& x, const char* op, at::ScalarType type, Scan scan) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
                 x.size(1) > 0 && x.size(1) < (int64_t(1) << 31),
                 op, ": contiguous fp32 [rows, n], 0 < n < 2^31");
+    const int64_t rows = x.size(0), n = x.size(1);
+    at::Tensor out = at::empty({rows}, x.options().dtype(type));
+    const float* xp = x.data_ptr<float>();
+    Out* dst = out.data_ptr<Out>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) dst[r] = scan(xp + r * n, n);
+    });
+    return out;
 }
 
 }  // namespace
 
 at::Tensor argmax_rows(const at::Tensor& x) {
-    check(x, "argmax_rows");
-    const int64_t rows = x.size(0), n = x.size(1);
-    at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
-    const float* xp = x.data_ptr<float>();
-    int64_t* op = out.data_ptr<int64_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * n, n);
-    });
-    return out;
+    return scan_rows<int64_t>(x, "argmax_rows", at::kLong, argmax_row);
 }
 
 at::Tensor finite_rows(const at::Tensor& x) {
-    check(x, "finite_rows");
-    const int64_t rows = x.size(0), n = x.size(1);
-    at::Tensor out = at::empty({rows}, x.options().dtype(at::kBool));
-    const float* xp = x.data_ptr<float>();
-    bool* op = out.data_ptr<bool>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) op[r] = finite_row(xp + r * n, n);
-    });
-    return out;
+    return scan_rows<bool>(x, "finite_rows", at::kBool, finite_row);
 }
 
 }  // namespace tsllm

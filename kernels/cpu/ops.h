@@ -8,7 +8,9 @@
 
 namespace tsllm {
 
-// linear.cpp: y [m, n] = x [m, k] W^T + bias, W packed (see the file)
+constexpr int64_t kPanel = 16;       // outputs per packed panel: two AVX2 vectors
+
+// linear.cpp: y [m, n] = x [m, k] W^T + bias, W packed [ceil(n / kPanel), k, kPanel]
 void linear_rows(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
                  const float* bias, float* y);
 // norm_rope.cpp: y may be x (no residual); rotary's out may be x (same strides)
