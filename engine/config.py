@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = {"int8": 8, "int4": 4}      # weight-only, at load: name -> bits
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -25,6 +26,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True       # share KV blocks of identical prompt prefixes
     seed: int = 0
     num_threads: int | None = None           # torch intra-op threads, set at engine start
+    quantization: str | None = None          # int8 | int4 weights at load (HF checkpoints)
+    quantization_group_size: int = 32        # inputs sharing one scale
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -47,6 +50,15 @@ class EngineConfig:
         need(self.num_threads is None or self.num_threads > 0,
              f"num_threads must be positive, got {self.num_threads}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.quantization is None or self.quantization in QUANTIZATIONS,
+             f"quantization must be one of {tuple(QUANTIZATIONS)} or None, got "
+             f"{self.quantization!r}")
+        need(self.quantization_group_size > 0 and self.quantization_group_size % 4 == 0,
+             f"quantization_group_size must be a positive multiple of 4, got "
+             f"{self.quantization_group_size}")
+        need(self.quantization is None or self.dtype == "float32",
+             f"quantization {self.quantization} quantizes fp32 weights: dtype must be float32, "
+             f"got {self.dtype!r}")
         need(self.attention_backend in BACKENDS,
              f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         need(self.device == "cpu" or self.device.startswith("cuda"),

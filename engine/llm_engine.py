@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
@@ -17,7 +17,8 @@ from engine.detokenizer import Detokenizer
 from engine.faults import NONFINITE, NONFINITE_MESSAGE, sequence_error, step_error
 from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner
-from engine.models import read_spec
+from engine.models import read_config, read_spec, read_tokenizer
+from engine.models.gguf_file import eos_ids, is_gguf
 from engine.outputs import EngineStats, RequestOutput
 from engine.parallel_sampling import ParentRequest
 from engine.sampling_params import SamplingParams
@@ -33,8 +34,12 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, **engine_args) -> None:
         self.config = EngineConfig(**engine_args)
         model_path = str(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        spec = read_spec(AutoConfig.from_pretrained(model_path))
+        self.tokenizer = read_tokenizer(model_path)
+        config = read_config(model_path)
+        if is_gguf(model_path) and self.config.quantization is not None:
+            raise ValueError(f"quantization {self.config.quantization!r} is for dense "
+                             "checkpoints; a GGUF file is served in its own types")
+        spec = read_spec(config)
         limit = spec.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or limit, limit)
         self.eos_token_ids = _eos_ids(model_path, self.tokenizer)
@@ -325,7 +330,10 @@ class LLMEngine:
 
 
 def _eos_ids(model_path: str, tokenizer) -> list[int]:
-    """EOS ids from the checkpoint's generation config, else the tokenizer's."""
+    """EOS ids from the checkpoint's generation config, else the tokenizer's (a GGUF file's:
+    its EOS and the chat template's end-of-turn token)."""
+    if is_gguf(model_path):
+        return eos_ids(tokenizer)
     try:
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
     except OSError:

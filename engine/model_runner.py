@@ -19,9 +19,9 @@ import torch
 import kernels
 from engine import logprobs
 from engine.block_allocator import BlockAllocator
-from engine.config import EngineConfig
+from engine.config import QUANTIZATIONS, EngineConfig
 from engine.faults import NONFINITE, finite_rows
-from engine.models import AttentionMetadata, CausalLM, load_model
+from engine.models import AttentionMetadata, CausalLM, Quantization, load_model
 from engine.sampler import Sampler
 from engine.scheduler import Batch
 from engine.sequence import Sequence
@@ -40,7 +40,9 @@ class ModelRunner:
         if config.num_threads is not None:          # process-wide: threads started later follow
             torch.set_num_threads(config.num_threads)
         self.model: CausalLM = load_model(model_path, self.dtype, config.device, max_model_len)
-        self.model.pack()
+        quantization = None if config.quantization is None else Quantization(
+            QUANTIZATIONS[config.quantization], config.quantization_group_size)
+        self.model.pack(quantization)
         self.sampler = Sampler(eos_token_ids)
         self.num_blocks = self._size_pool()
         assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"

@@ -4,13 +4,15 @@
 The backend is ``auto`` (Triton for CUDA tensors when triton is installed; for CPU tensors the
 compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch reference), ``triton``
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
-``pack_linear`` packs a linear layer's weight once for the compiled CPU kernel where it
-applies (fp32 on CPU under ``auto``), into huge pages (``HugePageArena``, which the KV cache
-uses too), and ``linear_packed`` runs the layer on it; elsewhere the model keeps
-``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's weights (linears
-packed) once into a compiled object that runs a step's embedding lookup, layers and final
-norm in one call (the model's CPU fp32 path); ``argmax_rows`` and ``finite_rows`` scan
-logits rows in one pass each.
+``pack_linear`` packs a linear layer's weight once for the compiled CPU kernels where they
+apply (on CPU under ``auto``), in its format: dense fp32 / bf16 / fp16, or quantized ``Lanes``
+(GGUF block types, int8 / int4 at load: ``kernels/lanes.py``), into huge pages
+(``HugePageArena``, which the KV cache uses too); ``linear_packed`` runs the layer on it and
+``embedding_packed`` looks rows up in it; elsewhere the model keeps dense weights
+(``Lanes.dequantize``) and ``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's
+weights (linears packed) once into a compiled object that runs a step's embedding lookup,
+layers and final norm in one call (the model's CPU path); ``argmax_rows`` and
+``finite_rows`` scan logits rows in one pass each.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -22,10 +24,12 @@ import torch
 
 from kernels import cpu_build
 from kernels.huge_pages import HugePageArena
+from kernels.lanes import GGUF_LANE_TYPES, Lanes, from_gguf, quantize
 from kernels.reference import paged_attention_reference, store_kv_reference
 
-__all__ = ["BACKENDS", "HugePageArena", "argmax_rows", "bind_decoder", "finite_rows",
-           "get_backend", "linear_packed", "pack_linear", "paged_attention", "set_backend",
+__all__ = ["BACKENDS", "GGUF_LANE_TYPES", "HugePageArena", "Lanes", "argmax_rows",
+           "bind_decoder", "embedding_packed", "finite_rows", "from_gguf", "get_backend",
+           "linear_packed", "pack_linear", "paged_attention", "quantize", "set_backend",
            "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -78,21 +82,26 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                      query_start_loc, scale)
 
 
-def pack_linear(weight: torch.Tensor, arena: HugePageArena | None = None
-                ) -> torch.Tensor | None:
-    """``weight [out, in]`` packed for ``linear_packed`` into ``arena`` (a fresh one if None),
-    or None where the compiled kernel does not apply (not fp32, not on CPU, another backend
-    forced, or the kernels did not build)."""
-    if weight.dtype != torch.float32 or not _use_cpu(weight):
+def pack_linear(weight: torch.Tensor | Lanes, arena: HugePageArena | None = None):
+    """``weight [out, in]`` (a dense tensor or quantized ``Lanes``) packed for
+    ``linear_packed`` into ``arena`` (a fresh one if None): a ``cpu_linear.PackedWeight``, or
+    None where the compiled kernels do not apply (not on CPU, another backend forced, or the
+    kernels did not build)."""
+    if not _use_cpu(weight.values if isinstance(weight, Lanes) else weight):
         return None
     from kernels.cpu_linear import pack
     return pack(weight, arena or HugePageArena())
 
 
-def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x [..., in]`` and ``packed = pack_linear(weight)``."""
-    return _cpu_fns[1](x, packed, out_features, bias)
+def linear_packed(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for fp32 ``x [..., in]`` and ``packed = pack_linear(weight)``."""
+    return _cpu_fns[1](x, packed, bias)
+
+
+def embedding_packed(ids: torch.Tensor, packed) -> torch.Tensor:
+    """Rows ``ids`` of ``packed = pack_linear(weight)`` in fp32 (a lookup in its format)."""
+    from kernels.cpu_linear import embedding_packed_cpu
+    return embedding_packed_cpu(ids, packed)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -117,19 +126,24 @@ def _scannable(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.dim() == 2 and x.numel() > 0 and _use_cpu(x)
 
 
-def bind_decoder(embed: torch.Tensor, weights: list[torch.Tensor],
-                 extras: list[torch.Tensor | None], final_norm: torch.Tensor,
-                 rope: tuple[torch.Tensor, torch.Tensor], sizes: list[int], eps: float,
-                 scale: float, heads: tuple[int, int, int]) -> torch.ScriptObject:
+def bind_decoder(embed, weights: list, extras: list[torch.Tensor | None],
+                 final_norm: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 eps: float, scale: float, heads: tuple[int, int, int]) -> torch.ScriptObject:
     """A decoder's weights bound once into a compiled ``Decoder`` (``cpu/decoder.cpp``
-    lists them: six weights and six extras per layer, linears packed; ``rope`` is the cos and
-    sin tables; ``heads`` is (query heads, KV heads, head dim)). Its ``forward(input_ids,
+    lists them: the packed embedding table, six weights and six extras per layer, linears
+    as ``pack_linear`` gave them; ``rope`` is the cos and sin tables; ``heads`` is (query
+    heads, KV heads, head dim)). Its ``forward(input_ids,
     positions, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)``
     (int32 step inputs; caches ``[layers, blocks, block_size, kv_heads, head_dim]``) runs the
     embedding lookup, every layer and the final norm in one call and returns the normed
     hidden states."""
-    return torch.classes.tsllm_cpu.Decoder(embed, weights, extras, final_norm, *rope, sizes,
-                                           eps, scale, list(heads))
+    linears = [w for w in weights if not isinstance(w, torch.Tensor)]
+    plain = [w if isinstance(w, torch.Tensor) else w.values for w in weights]
+    quant = [t for w in linears for t in w.tensors[1:]]
+    sizes = [w.out_features for w in linears[:4]]
+    return torch.classes.tsllm_cpu.Decoder(embed.tensors, embed.out_features, plain, extras,
+                                           quant, final_norm, *rope, sizes, eps, scale,
+                                           list(heads))
 
 
 def _use_cpu(t: torch.Tensor) -> bool:

@@ -24,10 +24,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-# GGUF's general.architecture -> the transformers class the engine serves
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-_MARK = "\u2063assistant-reply\u2063"    # a reply text no template rewrites
+from engine.models.gguf_file import ARCHITECTURES, architecture, eos_ids, open_reader
 
 
 @contextmanager
@@ -46,41 +43,14 @@ def staged_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def gguf_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF file (reads the header only)."""
-    from gguf import GGUFReader
-    field = GGUFReader(str(path)).fields.get("general.architecture")
-    if field is None:
-        raise ValueError(f"{path}: no general.architecture in the GGUF metadata")
-    return bytes(field.parts[field.data[0]]).decode()
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token(s) the chat template puts right after an assistant reply."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
-    rendered = tokenizer.apply_chat_template(turns, tokenize=False)
-    after = rendered.split(_MARK, 1)[-1] if _MARK in rendered else ""
-    ids = tokenizer.encode(after, add_special_tokens=False)
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return ids[:1] if ids and ids[0] in special else []
-
-
-def eos_ids(tokenizer) -> list[int]:
-    """The tokenizer's EOS followed by the end-of-turn token, without duplicates."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return ids + [t for t in end_of_turn_ids(tokenizer) if t not in ids]
-
-
 def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Convert ``src`` (a .gguf file) into the checkpoint directory ``out``; returns ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     src, out = Path(src).resolve(), Path(out)
-    arch = gguf_architecture(src)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{src.name}: unsupported GGUF architecture {arch!r}; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
+    try:
+        arch = architecture(open_reader(src))
+    except ValueError as exc:
+        raise ValueError(f"{src.name}: {exc}") from exc
     kwargs = dict(gguf_file=src.name)
     steps = tqdm(total=4, desc=f"import {src.name}", unit="step")
 

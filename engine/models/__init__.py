@@ -1,6 +1,9 @@
-"""Model definitions for the supported checkpoint families and their safetensors loader."""
+"""Model definitions for the supported checkpoint families and their loaders (safetensors
+directories, GGUF files)."""
 from engine.models.attention import AttentionMetadata
-from engine.models.decoder import CausalLM, DecoderSpec
-from engine.models.loader import SUPPORTED, load_model, read_spec
+from engine.models.decoder import CausalLM, DecoderSpec, Quantization
+from engine.models.loader import (SUPPORTED, load_model, read_config, read_spec,
+                                  read_tokenizer)
 
-__all__ = ["AttentionMetadata", "CausalLM", "DecoderSpec", "SUPPORTED", "load_model", "read_spec"]
+__all__ = ["AttentionMetadata", "CausalLM", "DecoderSpec", "Quantization", "SUPPORTED",
+           "load_model", "read_config", "read_spec", "read_tokenizer"]

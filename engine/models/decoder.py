@@ -36,25 +36,49 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization at load (``quantization: int8 | int4``): symmetric, one scale
+    per ``group_size`` inputs of a row (``kernels.quantize``)."""
+    bits: int
+    group_size: int
+
+
 class Linear(torch.nn.Linear):
-    """``nn.Linear`` that, once ``pack`` has run, keeps only its packed weight for
-    ``kernels.linear_packed`` (fp32 on CPU); ``F.linear`` elsewhere."""
+    """``nn.Linear`` whose weight comes dense (``weight``) or in a stored format (``stored``:
+    quantized ``kernels.Lanes`` or a dense tensor of another dtype, from a GGUF file). Once
+    ``pack`` has run it keeps only its packed weight for ``kernels.linear_packed`` (on CPU);
+    elsewhere a dense weight and ``F.linear``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.register_buffer("packed", None, persistent=False)
+        self.packed = None
+        self.stored: kernels.Lanes | torch.Tensor | None = None
 
-    def pack(self, arena: kernels.HugePageArena) -> None:
-        """Replace the weight by its packed form (in ``arena``) where the compiled kernel
-        applies."""
-        packed = kernels.pack_linear(self.weight, arena)
+    def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None) -> None:
+        """Replace the weight by its packed form (in ``arena``) where the compiled kernels
+        apply: the stored format, else the dense fp32 weight, quantized first if asked.
+        Elsewhere the weight stays (or becomes) dense: the reference computes on the same
+        values."""
+        source = self.stored
+        if source is None and self.weight.dtype == torch.float32:
+            source = self.weight
+            if quantization is not None:
+                source = kernels.quantize(self.weight, quantization.bits,
+                                          quantization.group_size)
+        packed = None if source is None else kernels.pack_linear(source, arena)
         if packed is not None:
             self.packed = packed
             self.weight = None      # a tied weight stays with its other owner
+        elif isinstance(source, kernels.Lanes):
+            self.weight = torch.nn.Parameter(source.dequantize(), requires_grad=False)
+        elif self.stored is not None:
+            self.weight = torch.nn.Parameter(self.stored.float(), requires_grad=False)
+        self.stored = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return kernels.linear_packed(x, self.packed, self.out_features, self.bias)
+            return kernels.linear_packed(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -128,14 +152,14 @@ class DecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def pack(self, arena: kernels.HugePageArena
-             ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int]] | None:
-        """Pack the linear layers; their weights, extras and widths for
-        ``kernels.bind_decoder``, or None where the compiled kernels do not apply."""
+    def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None
+             ) -> tuple[list, list[torch.Tensor | None]] | None:
+        """Pack the linear layers; their weights and extras for ``kernels.bind_decoder``, or
+        None where the compiled kernels do not apply."""
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         for linear in linears:
-            linear.pack(arena)
+            linear.pack(arena, quantization)
         if any(linear.packed is None for linear in linears):
             return None
         weights = [self.input_layernorm.weight, attn.qkv_proj.packed, attn.o_proj.packed,
@@ -143,7 +167,7 @@ class DecoderLayer(torch.nn.Module):
                    mlp.down_proj.packed]
         norms = [None if n is None else n.weight for n in (attn.q_norm, attn.k_norm)]
         extras = [linear.bias for linear in linears] + norms
-        return weights, extras, [linear.out_features for linear in linears]
+        return weights, extras
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor,
                 rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -169,16 +193,25 @@ class DecoderModel(torch.nn.Module):
         self.k_cache: torch.Tensor | None = None    # every layer's, see set_caches
         self.v_cache: torch.Tensor | None = None
         self.compiled: torch.ScriptObject | None = None     # the whole decoder, once packed
+        self.embed_table = None     # the packed embedding table the compiled call reads
 
-    def pack(self, arena: kernels.HugePageArena) -> None:
-        parts = [layer.pack(arena) for layer in self.layers]
-        if all(part is not None for part in parts):
-            a = self.attentions[0]
-            self.compiled = kernels.bind_decoder(
-                self.embed_tokens.weight, [w for part in parts for w in part[0]],
-                [e for part in parts for e in part[1]], self.norm.weight,
-                (self.rope.cos, self.rope.sin), parts[0][2], self.norm.eps, a.scale,
-                (a.num_heads, a.num_kv_heads, a.head_dim))
+    def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None
+             ) -> list | None:
+        """Pack every layer; what ``bind`` takes, or None where the kernels do not apply."""
+        parts = [layer.pack(arena, quantization) for layer in self.layers]
+        return parts if all(part is not None for part in parts) else None
+
+    def bind(self, parts: list, embed) -> None:
+        """Run the whole decoder as one compiled call from now on; ``embed`` is the packed
+        embedding table (a tied head's own), in its format."""
+        a = self.attentions[0]
+        self.compiled = kernels.bind_decoder(
+            embed, [w for part in parts for w in part[0]],
+            [e for part in parts for e in part[1]], self.norm.weight,
+            (self.rope.cos, self.rope.sin), self.norm.eps, a.scale,
+            (a.num_heads, a.num_kv_heads, a.head_dim))
+        self.embed_table = embed
+        self.embed_tokens.weight = None     # the compiled call reads the packed table
 
     def set_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """The KV cache of every layer, ``[layers, blocks, block_size, kv_heads, head_dim]``
@@ -216,12 +249,32 @@ class CausalLM(torch.nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def pack(self) -> None:
+    def pack(self, quantization: Quantization | None = None) -> None:
         """Pack every linear layer's weight for the compiled CPU kernels (after loading), back
-        to back in huge pages in the order a step reads them."""
+        to back in huge pages in the order a step reads them. A tied embedding table is the
+        head's packed weight; an untied one is packed in its own format (never quantized at
+        load). Where the kernels do not apply, stored formats become dense weights."""
         arena = kernels.HugePageArena()
-        self.model.pack(arena)
-        self.lm_head.pack(arena)
+        embed = self.model.embed_tokens
+        stored_embed = getattr(embed, "stored", None)
+        parts = self.model.pack(arena, quantization)
+        if self.spec.tie_word_embeddings and stored_embed is not None:
+            self.lm_head.stored = stored_embed
+        self.lm_head.pack(arena, quantization)
+        if self.spec.tie_word_embeddings:
+            table = self.lm_head.packed
+        else:
+            table = kernels.pack_linear(stored_embed if stored_embed is not None
+                                        else embed.weight, arena)
+        if parts is not None and table is not None:
+            self.model.bind(parts, table)
+        elif stored_embed is not None:      # the module path: dense, as the reference reads
+            dense = (stored_embed.dequantize() if isinstance(stored_embed, kernels.Lanes)
+                     else stored_embed.float())
+            embed.weight = torch.nn.Parameter(dense, requires_grad=False)
+            if self.spec.tie_word_embeddings:
+                self.lm_head.weight = embed.weight
+        embed.stored = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

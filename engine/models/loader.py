@@ -1,4 +1,6 @@
-"""Builds a CausalLM from a local Hugging Face checkpoint directory (safetensors, sharded or not)."""
+"""Builds a CausalLM from a local checkpoint: a Hugging Face directory (safetensors, sharded
+or not) or a GGUF file (engine/models/gguf_file.py), and reads either one's config and
+tokenizer."""
 import json
 from pathlib import Path
 
@@ -6,6 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from engine.models import gguf_file
 from engine.models.decoder import CausalLM, DecoderSpec
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -41,9 +44,30 @@ def read_spec(config: PretrainedConfig) -> DecoderSpec:
     )
 
 
+def read_config(path: str | Path) -> PretrainedConfig:
+    """The transformers config of a checkpoint directory or GGUF file."""
+    return gguf_file.read_config(path) if gguf_file.is_gguf(path) else \
+        AutoConfig.from_pretrained(path)
+
+
+def read_tokenizer(path: str | Path):
+    """The tokenizer (with its chat template) of a checkpoint directory or GGUF file."""
+    from transformers import AutoTokenizer
+    if gguf_file.is_gguf(path):
+        path = Path(path)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_model(path: str | Path, dtype: torch.dtype, device: str,
                max_positions: int) -> CausalLM:
-    """Reads config.json and every safetensors shard of ``path`` into a fresh CausalLM."""
+    """A fresh CausalLM from config.json and every safetensors shard of ``path``, or from a
+    GGUF file's tensors in their stored formats (fp32 compute)."""
+    if gguf_file.is_gguf(path):
+        if dtype != torch.float32:
+            raise ValueError(f"a GGUF file is served with dtype float32 (its tensors keep their "
+                             f"stored types), got {dtype}")
+        return gguf_file.load_gguf(path, read_spec(read_config(path)), device, max_positions)
     spec = read_spec(AutoConfig.from_pretrained(path))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

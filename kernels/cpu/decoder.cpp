@@ -33,41 +33,45 @@ const float* pointer(const c10::optional<at::Tensor>& t, int64_t numel, const ch
     return t->data_ptr<float>();
 }
 
-const float* packed_pointer(const at::Tensor& t, int64_t k, int64_t n, const char* what) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
-                t.size(0) == (n + kPanel - 1) / kPanel && t.size(1) == k && t.size(2) == kPanel,
-                "Decoder: ", what, " must be packed [ceil(", n, " / 16), ", k, ", 16] fp32");
-    return t.data_ptr<float>();
+Matrix linear_of(const at::Tensor& values, const c10::optional<at::Tensor>& scales,
+                 const c10::optional<at::Tensor>& mins, int64_t k, int64_t n, const char* what) {
+    const Matrix m = matrix_of(values, scales, mins, n, what);
+    TORCH_CHECK(m.k == k, "Decoder: ", what, " takes ", m.k, " inputs, the layer gives ", k);
+    return m;
 }
 
 }  // namespace
 
 // The decoder's weights, bound once; `forward` runs a step's tokens through all of it.
 struct Decoder : torch::CustomClassHolder {
-    // embed [vocab, hidden]; weights and extras: six per layer. Weights: input norm, qkv, o,
-    // post-attention norm, gate_up, down (linears packed); extras: qkv, o, gate_up and down
-    // biases, q and k norms (any may be None). final_norm [hidden]; cos, sin: the rotary
+    // embed: the embedding table [vocab, hidden] packed as a Matrix (values, scales, mins;
+    // a tied head's own). weights and extras: six per layer. Weights: input norm, qkv, o,
+    // post-attention norm, gate_up, down (linears: packed values); extras: qkv, o, gate_up
+    // and down biases, q and k norms (any may be None); quant: the four linears' scales and
+    // mins (None for the unquantized formats). final_norm [hidden]; cos, sin: the rotary
     // tables [positions, head_dim]. sizes: the four linears' output widths; heads: (query
     // heads, KV heads, head dim).
-    Decoder(at::Tensor embed, std::vector<at::Tensor> weights,
-            std::vector<c10::optional<at::Tensor>> extras, at::Tensor final_norm, at::Tensor cos,
+    Decoder(std::vector<c10::optional<at::Tensor>> embed, int64_t vocab,
+            std::vector<at::Tensor> weights, std::vector<c10::optional<at::Tensor>> extras,
+            std::vector<c10::optional<at::Tensor>> quant, at::Tensor final_norm, at::Tensor cos,
             at::Tensor sin, std::vector<int64_t> sizes, double eps, double scale,
             std::vector<int64_t> heads)
         : embed_(std::move(embed)), weights_(std::move(weights)), extras_(std::move(extras)),
-          final_norm_(std::move(final_norm)), cos_(std::move(cos)), sin_(std::move(sin)),
-          eps_(eps), scale_(scale) {
+          quant_(std::move(quant)), final_norm_(std::move(final_norm)), cos_(std::move(cos)),
+          sin_(std::move(sin)), eps_(eps), scale_(scale) {
         TORCH_CHECK(sizes.size() == 4 && heads.size() == 3, "Decoder: 4 sizes, 3 head numbers");
         TORCH_CHECK(!weights_.empty() && weights_.size() % 6 == 0 &&
-                    extras_.size() == weights_.size(),
-                    "Decoder: 6 weights and 6 extras per layer");
+                    extras_.size() == weights_.size() && 3 * quant_.size() == 4 * weights_.size()
+                    && embed_.size() == 3 && embed_[0].has_value(),
+                    "Decoder: 6 weights, 6 extras and 8 scales or mins per layer; an embedding "
+                    "of 3 tensors");
         layers_ = static_cast<int64_t>(weights_.size() / 6);
         heads_ = heads[0], kv_heads_ = heads[1], head_dim_ = heads[2];
         hidden_ = weights_[0].numel(), inter_ = sizes[2] / 2;
         TORCH_CHECK(heads_ % kv_heads_ == 0 && head_dim_ % 2 == 0 &&
                     sizes[0] == (heads_ + 2 * kv_heads_) * head_dim_ && sizes[1] == hidden_ &&
                     sizes[2] == 2 * inter_ && sizes[3] == hidden_, "Decoder: layer shapes");
-        TORCH_CHECK(embed_.dim() == 2 && embed_.size(1) == hidden_ && embed_.is_contiguous() &&
-                    embed_.scalar_type() == at::kFloat, "Decoder: embed fp32 [vocab, hidden]");
+        embed_matrix_ = linear_of(*embed_[0], embed_[1], embed_[2], hidden_, vocab, "embedding");
         pointer(final_norm_, hidden_, "final norm");
         for (const at::Tensor* t : {&cos_, &sin_})
             TORCH_CHECK(t->dim() == 2 && t->size(1) == head_dim_ && t->is_contiguous() &&
@@ -77,17 +81,18 @@ struct Decoder : torch::CustomClassHolder {
         for (int64_t l = 0; l < layers_; ++l) {
             const at::Tensor* w = &weights_[6 * l];
             const c10::optional<at::Tensor>* e = &extras_[6 * l];
+            const c10::optional<at::Tensor>* s = &quant_[8 * l];
+            mats_.insert(mats_.end(), {
+                linear_of(w[1], s[0], s[1], hidden_, sizes[0], "qkv"),
+                linear_of(w[2], s[2], s[3], q, hidden_, "o"),
+                linear_of(w[4], s[4], s[5], hidden_, sizes[2], "gate_up"),
+                linear_of(w[5], s[6], s[7], inter_, hidden_, "down")});
             ptrs_.insert(ptrs_.end(), {
-                pointer(w[0], hidden_, "input norm"),
-                packed_pointer(w[1], hidden_, sizes[0], "qkv"),
-                packed_pointer(w[2], q, hidden_, "o"),
-                pointer(w[3], hidden_, "post-attention norm"),
-                packed_pointer(w[4], hidden_, sizes[2], "gate_up"),
-                packed_pointer(w[5], inter_, hidden_, "down"),
+                pointer(w[0], hidden_, "input norm"), pointer(w[3], hidden_, "post-attention norm"),
                 pointer(e[0], sizes[0], "qkv bias"), pointer(e[1], hidden_, "o bias"),
                 pointer(e[2], sizes[2], "gate_up bias"), pointer(e[3], hidden_, "down bias"),
                 pointer(e[4], head_dim_, "q norm"), pointer(e[5], head_dim_, "k norm")});
-            TORCH_CHECK((ptrs_[12 * l + 10] == nullptr) == (ptrs_[12 * l + 11] == nullptr),
+            TORCH_CHECK((ptrs_[8 * l + 6] == nullptr) == (ptrs_[8 * l + 7] == nullptr),
                         "Decoder: q and k norms come together");
         }
     }
@@ -116,7 +121,7 @@ struct Decoder : torch::CustomClassHolder {
                     block_tables.size(0) == num_seqs, "Decoder: step input shapes");
         const int64_t slots = k_cache.size(1) * block_size, layer_elems = slots * kv_size;
 
-        const auto opts = embed_.options();
+        const auto opts = final_norm_.options();
         at::Tensor out = at::empty({tokens, hidden}, opts);
         at::Tensor work = at::empty(
             {tokens * (4 * hidden + width + q_size + 3 * inter + 2 * dim)}, opts);
@@ -132,34 +137,34 @@ struct Decoder : torch::CustomClassHolder {
         float* s = c + tokens * dim;
         const int32_t* ids = input_ids.data_ptr<int32_t>();
         const int32_t* pos = positions.data_ptr<int32_t>();
-        const int64_t vocab = embed_.size(0), max_pos = cos_.size(0);
+        const int64_t vocab = embed_matrix_.n, max_pos = cos_.size(0);
         for (int64_t t = 0; t < tokens; ++t) {
             TORCH_CHECK(ids[t] >= 0 && ids[t] < vocab, "Decoder: token id ", ids[t],
                         " outside the vocabulary of ", vocab);
             TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "Decoder: position ", pos[t],
                         " outside the rotary table of ", max_pos);
-            std::memcpy(res + t * hidden, embed_.data_ptr<float>() + ids[t] * hidden,
-                        hidden * sizeof(float));
             std::memcpy(c + t * dim, cos_.data_ptr<float>() + pos[t] * dim, dim * sizeof(float));
             std::memcpy(s + t * dim, sin_.data_ptr<float>() + pos[t] * dim, dim * sizeof(float));
         }
+        gather_rows(embed_matrix_, ids, tokens, res);
         const int32_t* slot = slot_mapping.data_ptr<int32_t>();
         for (int64_t l = 0; l < layers_; ++l) {
-            const float* const* p = &ptrs_[12 * l];
+            const float* const* p = &ptrs_[8 * l];     // norms, biases, q and k norms
+            const Matrix* m = &mats_[4 * l];            // qkv, o, gate_up, down
             float* kc = k_cache.data_ptr<float>() + l * layer_elems;
             float* vc = v_cache.data_ptr<float>() + l * layer_elems;
             if (l == 0)     // the residual is the embeddings: nothing to add yet
                 rms_norm_rows(res, hidden, nullptr, p[0], tokens, hidden, eps_, h, hidden);
             else
                 rms_norm_rows(x, hidden, res, p[0], tokens, hidden, eps_, h, hidden);
-            linear_rows(h, tokens, hidden, p[1], width, p[6], qkv);
+            matrix_rows(h, tokens, m[0], p[2], qkv);
             float* q = qkv;
             float* k = qkv + q_size;
-            if (p[10])
+            if (p[6])
                 for (int64_t t = 0; t < tokens; ++t) {
-                    rms_norm_rows(q + t * width, dim, nullptr, p[10], heads_, dim, eps_,
+                    rms_norm_rows(q + t * width, dim, nullptr, p[6], heads_, dim, eps_,
                                   q + t * width, dim);
-                    rms_norm_rows(k + t * width, dim, nullptr, p[11], kv_heads_, dim, eps_,
+                    rms_norm_rows(k + t * width, dim, nullptr, p[7], kv_heads_, dim, eps_,
                                   k + t * width, dim);
                 }
             rotary_rows(q, width, dim, q, width, tokens, heads_, dim, c, s);
@@ -179,11 +184,11 @@ struct Decoder : torch::CustomClassHolder {
                 paged_prefill(qv, k_cache[l], v_cache[l], block_tables, seq_lens,
                               query_start_loc, scale_, av);
             }
-            linear_rows(attn, tokens, q_size, p[2], hidden, p[7], o);
-            rms_norm_rows(o, hidden, res, p[3], tokens, hidden, eps_, h, hidden);
-            linear_rows(h, tokens, hidden, p[4], 2 * inter, p[8], gate_up);
+            matrix_rows(attn, tokens, m[1], p[3], o);
+            rms_norm_rows(o, hidden, res, p[1], tokens, hidden, eps_, h, hidden);
+            matrix_rows(h, tokens, m[2], p[4], gate_up);
             silu_mul_rows(gate_up, tokens, inter, act);
-            linear_rows(act, tokens, inter, p[5], hidden, p[9], x);
+            matrix_rows(act, tokens, m[3], p[5], x);
         }
         rms_norm_rows(x, hidden, res, final_norm_.data_ptr<float>(), tokens, hidden, eps_,
                       out.data_ptr<float>(), hidden);
@@ -191,11 +196,13 @@ struct Decoder : torch::CustomClassHolder {
     }
 
   private:
-    at::Tensor embed_;
-    std::vector<at::Tensor> weights_;       // kept alive: ptrs_ points into them
-    std::vector<c10::optional<at::Tensor>> extras_;
+    std::vector<c10::optional<at::Tensor>> embed_;     // kept alive: the pointers below
+    std::vector<at::Tensor> weights_;                   // point into these tensors
+    std::vector<c10::optional<at::Tensor>> extras_, quant_;
     at::Tensor final_norm_, cos_, sin_;
-    std::vector<const float*> ptrs_;        // per layer: 6 weights, then 6 extras (or null)
+    Matrix embed_matrix_;
+    std::vector<Matrix> mats_;              // per layer: qkv, o, gate_up, down
+    std::vector<const float*> ptrs_;        // per layer: 2 norms, 4 biases, q, k norms (or null)
     int64_t layers_, heads_, kv_heads_, head_dim_, hidden_, inter_;
     double eps_, scale_;
 };
@@ -204,7 +211,8 @@ struct Decoder : torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
     m.class_<tsllm::Decoder>("Decoder")
-        .def(torch::init<at::Tensor, std::vector<at::Tensor>,
+        .def(torch::init<std::vector<c10::optional<at::Tensor>>, int64_t,
+                         std::vector<at::Tensor>, std::vector<c10::optional<at::Tensor>>,
                          std::vector<c10::optional<at::Tensor>>, at::Tensor, at::Tensor,
                          at::Tensor, std::vector<int64_t>, double, double,
                          std::vector<int64_t>>())

@@ -1,6 +1,6 @@
 // fp32 linear layer on CPU over a weight packed once at load: y = x W^T + b for any row count.
 //
-// Owns the `tsllm_cpu::linear_packed` op. The weight [n, k] is stored as column panels of
+// Owns `linear_rows` (matrix.cpp's fp32 format; `tsllm_cpu::matrix_linear` calls it). The weight [n, k] is stored as column panels of
 // kPanel outputs, k-major: packed[p][i][j] = W[p * kPanel + j][i] (zero past n; packing is
 // `kernels.cpu_linear.pack`). A micro-kernel keeps an MR x kPanel tile of y in registers and,
 // per input column i, loads the panel's kPanel weights once and broadcasts one x value per row:
@@ -10,7 +10,6 @@
 // of MR rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "ops.h"
 
@@ -153,29 +152,4 @@ void linear_rows(const float* x, int64_t m, int64_t k, const float* packed, int6
     }
 }
 
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
-                         const c10::optional<at::Tensor>& bias) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-                "linear_packed: x contiguous fp32 [m, k]");
-    const int64_t m = x.size(0), k = x.size(1), panels = (n + kPanel - 1) / kPanel;
-    TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
-                packed.size(0) == panels && packed.size(1) == k && packed.size(2) == kPanel,
-                "linear_packed: packed weight [ceil(n / 16), k, 16] fp32 for x [m, k]");
-    const float* bp = nullptr;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == n,
-                    "linear_packed: bias [n] fp32");
-        bp = bias->data_ptr<float>();
-    }
-    at::Tensor y = at::empty({m, n}, x.options());
-    linear_rows(x.data_ptr<float>(), m, k, packed.data_ptr<float>(), n, bp, y.data_ptr<float>());
-    return y;
-}
-
 }  // namespace tsllm
-
-TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
-    m.def("linear_packed(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
-    m.impl("linear_packed", c10::DispatchKey::CPU, &tsllm::linear_packed);
-}

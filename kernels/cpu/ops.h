@@ -10,6 +10,26 @@ namespace tsllm {
 
 constexpr int64_t kPanel = 16;       // outputs per packed panel: two AVX2 vectors
 
+// matrix.cpp: a weight [n, k] in one of several formats, packed in panels of kPanel outputs,
+// input-major (values [ceil(n / kPanel), k, kPanel]; q4: [.., k / 2, kPanel] bytes whose low
+// nibble is input 2i and high nibble input 2i + 1). Quantized formats carry fp32 scales (and
+// optionally mins) [.., k / group, kPanel]: w = q * scale + min, rounded once (an FMA).
+enum class Format : int64_t { kF32, kBF16, kF16, kQ8, kQ4 };
+struct Matrix {
+    Format format;
+    int64_t n, k, group;         // group: k for the unquantized formats
+    const void* values;
+    const float* scales;         // null for the unquantized formats
+    const float* mins;           // null where every min is zero
+};
+// The Matrix over a packed weight's tensors (checked; format from the values' dtype).
+Matrix matrix_of(const at::Tensor& values, const c10::optional<at::Tensor>& scales,
+                 const c10::optional<at::Tensor>& mins, int64_t n, const char* what);
+// y [m, n] = x [m, k] W^T + bias
+void matrix_rows(const float* x, int64_t m, const Matrix& w, const float* bias, float* y);
+// out [count, k] = rows ids of W (an embedding lookup in the weight's own format)
+void gather_rows(const Matrix& w, const int32_t* ids, int64_t count, float* out);
+
 // linear.cpp: y [m, n] = x [m, k] W^T + bias, W packed [ceil(n / kPanel), k, kPanel]
 void linear_rows(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,
                  const float* bias, float* y);

@@ -43,16 +43,19 @@ def test_finite_rows_finds_nan_and_both_infinities_anywhere(dtype):
 
 def test_nonfinite_logits_fail_their_request_alone(llm, clean):
     ids = llm.tokenizer.encode(PROMPTS[1]) + [POISON]
-    weight = llm.runner.model.model.embed_tokens.weight
-    saved = weight[POISON].clone()
+    decoder = llm.runner.model.model
+    table = decoder.embed_table     # the compiled path's packed table (fp32 panels), or None
+    row = (decoder.embed_tokens.weight[POISON] if table is None
+           else table.values[POISON // 16, :, POISON % 16])
+    saved = row.clone()
     with torch.no_grad():
-        weight[POISON] = float("nan")
+        row.fill_(float("nan"))
     try:
         outs = run(llm, [PROMPTS[0], ids, PROMPTS[2]],
                    [GREEDY, GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=10)])
     finally:
         with torch.no_grad():
-            weight[POISON] = saved
+            row.copy_(saved)
     assert outs[1].finish_reason == "error" and outs[1].error == NONFINITE_MESSAGE
     assert outs[1].token_ids == []
     assert outs[0].token_ids == clean[0].token_ids and outs[0].error is None

@@ -18,7 +18,7 @@ from kernels.reference import paged_attention_reference, store_kv_reference
 pytestmark = pytest.mark.skipif(not cpu_build.load(), reason="no C++ compiler for the CPU kernels")
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+def _pack(weight: torch.Tensor):
     from kernels.cpu_linear import pack
     return pack(weight, kernels.HugePageArena())
 
@@ -89,7 +89,7 @@ def test_linear_matches_torch(rows: int, n: int, k: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(rows * n + k)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
-    torch.testing.assert_close(_cpu()[2](x, _pack(w), n, b), F.linear(x, w, b), atol=1e-4,
+    torch.testing.assert_close(_cpu()[2](x, _pack(w), b), F.linear(x, w, b), atol=1e-4,
                                rtol=1e-5)
 
 
@@ -102,7 +102,7 @@ def test_one_row_over_groups_of_four_panels(threads: int, n: int) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = _cpu()[2](x, _pack(w), n, b)
+        got = _cpu()[2](x, _pack(w), b)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
@@ -110,10 +110,10 @@ def test_one_row_over_groups_of_four_panels(threads: int, n: int) -> None:
 
 def test_linear_packed_keeps_leading_dims_and_refuses_a_mismatched_pack() -> None:
     x, w = torch.randn(2, 3, 40), torch.randn(20, 40)
-    torch.testing.assert_close(_cpu()[2](x, _pack(w), 20, None), F.linear(x, w), atol=1e-4,
+    torch.testing.assert_close(_cpu()[2](x, _pack(w), None), F.linear(x, w), atol=1e-4,
                                rtol=1e-5)
-    with pytest.raises(RuntimeError, match="packed weight"):
-        _cpu()[2](torch.randn(2, 41), _pack(w), 20, None)
+    with pytest.raises(RuntimeError, match=r"matrix_linear: x contiguous fp32 \[m, 40\]"):
+        _cpu()[2](torch.randn(2, 41), _pack(w), None)
 
 
 def test_store_accepts_int32_slots() -> None:
@@ -148,7 +148,7 @@ def test_auto_on_cpu_dispatches_to_the_compiled_kernels(monkeypatch) -> None:
                              batch["v_cache"], torch.tensor([3]))
             packed = kernels.pack_linear(torch.randn(4, 8))
             if packed is not None:
-                kernels.linear_packed(torch.randn(2, 8), packed, 4, None)
+                kernels.linear_packed(torch.randn(2, 8), packed, None)
             assert calls == expected
             torch.testing.assert_close(out, dense_attention(**make_batch(
                 [(1, 20), (2, 4)], 2, 1, 16, 16, torch.float32)), atol=2e-6, rtol=1e-5)

@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from scripts import make_smollm2
-from scripts.import_gguf import end_of_turn_ids, import_gguf
+from engine.models.gguf_file import end_of_turn_ids
+from scripts.import_gguf import import_gguf
 
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path: Path):

@@ -1,0 +1,538 @@
+// Linear layers and embedding lookups over a packed weight in any of its formats (ops.h,
+// `Matrix`). Nothing is dequantized to memory: each weight is read once per group of rows, in
+// its stored size.
+// - fp32 goes to linear.cpp's kernel; bf16 and fp16 are widened here, sixteen outputs of one
+//   input at a time, and feed fp32 FMAs with the activations (fp32 arithmetic throughout).
+// - q8 (int8 values: GGUF Q8_0, Q5_x, Q5_K, Q6_K, int8 at load) and q4 (nibbles: GGUF Q4_0,
+//   Q4_1, Q4_K, int4 at load) take integer dot products, as llama.cpp does: each activation row
+//   is quantized to int8 per block of min(group, 32) inputs (scale max|x| / 127, round to
+//   nearest even), the int8 x int8 (or x uint4) products of a block summed exactly in int32
+//   (VNNI `vpdpbusd` where the CPU has it, else AVX2 `maddubs` + `madd`), and every block
+//   adds sum * (weight scale * activation scale) + weight min * (activation scale * sum of
+//   the block's int8 activations) to the fp32 output. Widening 4- and 8-bit weights to fp32
+//   before the FMAs cost ~3x the memory floor at batch 1 (measured); the integer products cost
+//   a few instructions per 64 weights.
+//
+// Owns `tsllm_cpu::matrix_linear`, `tsllm_cpu::matrix_rows_of` (the embedding lookup) and
+// `tsllm_cpu::quantize_rows` (the activation quantization, for the tests' reference).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "lanes.h"
+#include "ops.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace tsllm {
+
+using lanes::V16;
+
+#if defined(LANES_SCALAR)
+lanes::V16 lanes::of_f16(const uint16_t* p) {
+    V16 r;
+    for (int j = 0; j < 16; ++j)
+        r.f[j] = static_cast<float>(c10::Half(p[j], c10::Half::from_bits()));
+    return r;
+}
+#endif
+
+namespace {
+
+constexpr int64_t kRowBlock = 60;   // rows whose activations stay in L2 while panels pass
+constexpr int64_t kChunk = 64;      // bytes of a q8 (4 inputs) or q4 (8 inputs) panel chunk
+
+// Bytes of one panel of a k-input weight.
+int64_t panel_bytes(Format f, int64_t k) {
+    switch (f) {
+        case Format::kF32: return k * kPanel * 4;
+        case Format::kBF16: case Format::kF16: return k * kPanel * 2;
+        case Format::kQ8: return k * kPanel;
+        case Format::kQ4: return k * kPanel / 2;
+    }
+    return 0;
+}
+
+// ---- bf16 and fp16: widened to fp32 lanes, fp32 FMAs ------------------------------------
+
+#if defined(__AVX512F__)
+constexpr int kMaxRows = 8;     // 32 vector registers
+#else
+constexpr int kMaxRows = 4;     // 16: accumulators and four widened inputs
+#endif
+
+template <Format F>
+inline V16 widen(const uint16_t* p) {
+    if constexpr (F == Format::kBF16) return lanes::of_bf16(p);
+    else return lanes::of_f16(p);
+}
+
+// y[r][0..cols) for MR rows of x over panel p; four inputs a step, in C accumulator chains
+// with few rows to hide the FMA latency.
+template <Format F, int MR>
+void half_tile(const float* x, int64_t ldx, const Matrix& w, int64_t p, const float* bias,
+               int64_t cols, float* y, int64_t ldy) {
+    constexpr int C = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+    const uint16_t* base = static_cast<const uint16_t*>(w.values) + p * w.k * kPanel;
+    V16 acc[MR][C];
+    for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = lanes::zero();
+    for (int64_t i = 0; i < w.k; i += 4) {
+        V16 v[4];
+        for (int j = 0; j < 4; ++j) v[j] = widen<F>(base + (i + j) * kPanel);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j)
+                acc[r][j % C] = lanes::fma(lanes::bcast(x[r * ldx + i + j]), v[j], acc[r][j % C]);
+    }
+    alignas(64) float out[kPanel];
+    for (int r = 0; r < MR; ++r) {
+        V16 sum = acc[r][0];
+        for (int c = 1; c < C; ++c) sum = lanes::add(sum, acc[r][c]);
+        lanes::store(out, sum);
+        for (int64_t j = 0; j < cols; ++j) y[r * ldy + j] = out[j] + (bias ? bias[j] : 0.f);
+    }
+}
+
+using HalfTile = void (*)(const float*, int64_t, const Matrix&, int64_t, const float*, int64_t,
+                          float*, int64_t);
+
+template <Format F, int... R>
+constexpr std::array<HalfTile, sizeof...(R)> half_tiles(std::integer_sequence<int, R...>) {
+    return {&half_tile<F, R + 1>...};
+}
+
+void half_rows(const float* x, int64_t m, const Matrix& w, const float* bias, float* y) {
+    static constexpr auto bf16 =
+        half_tiles<Format::kBF16>(std::make_integer_sequence<int, kMaxRows>{});
+    static constexpr auto f16 =
+        half_tiles<Format::kF16>(std::make_integer_sequence<int, kMaxRows>{});
+    const HalfTile* fns = w.format == Format::kBF16 ? bf16.data() : f16.data();
+    const int64_t k = w.k, n = w.n, panels = (n + kPanel - 1) / kPanel;
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r0);
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p) {
+                const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
+                for (int64_t r = 0; r < rows; r += kMaxRows) {
+                    const int64_t mr = std::min<int64_t>(kMaxRows, rows - r);
+                    fns[mr - 1](x + (r0 + r) * k, k, w, p, bias ? bias + col : nullptr, cols,
+                                y + (r0 + r) * n + col, n);
+                }
+            }
+        });
+    }
+}
+
+// ---- q8 and q4: int8 activations, integer dot products ----------------------------------
+//
+// Panel layout (cpu_linear.pack): q8 chunks of 4 inputs, [k / 4][16 outputs][4] int8 values;
+// q4 chunks of 8 inputs, [k / 8][16 outputs][4] bytes whose low nibbles are inputs 0-3 of the
+// chunk and high nibbles inputs 4-7. A 32-bit lane then holds 4 inputs of one output, as
+// vpdpbusd and maddubs want them, and a 64-byte chunk is two 8-output vectors.
+
+// Activations of one matrix call quantized per block of `block` inputs, in two int8 passes:
+// x = (254 q + r) * scale with q = round(x / (254 scale)) and r the rounded remainder, so the
+// products come out as 254 * sum(w q) + sum(w r) with ~15 bits of each activation kept. One
+// int8 pass (llama.cpp's) moved SmolLM2's logits by ~0.2 on the demo prompt, enough to swap
+// its two leading first tokens (25.33 / 25.24 in fp32); the second costs one more integer
+// product per four weights, which batch 1 (bound by reading the weights) does not notice.
+struct QuantRows {
+    std::vector<int8_t> q, r;       // [m, k] each
+    std::vector<float> scale;       // [m, k / block]: max|x| / (127 * 254)
+    std::vector<float> qsum;        // [m, k / block]: scale * sum of the block's 254 q + r
+    std::vector<int32_t> isum;      // [m, k / block]: sum of the block's 254 q + r
+    int64_t block = 32;
+};
+
+constexpr float kRest = 254.f;      // the remainder's steps per step of q
+
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t block, QuantRows& out) {
+    out.block = block;
+    out.q.resize(m * k);
+    out.r.resize(m * k);
+    out.scale.resize(m * k / block);
+    out.qsum.resize(m * k / block);
+    out.isum.resize(m * k / block);
+    for (int64_t row = 0; row < m; ++row)
+        for (int64_t b = 0; b < k / block; ++b) {
+            const float* xb = x + row * k + b * block;
+            float top = 0.f;
+            for (int64_t i = 0; i < block; ++i) top = std::max(top, std::fabs(xb[i]));
+            const float inv = top > 0.f ? 127.f / top : 0.f;
+            int8_t* qb = out.q.data() + row * k + b * block;
+            int8_t* rb = out.r.data() + row * k + b * block;
+            int32_t sum = 0;
+            for (int64_t i = 0; i < block; ++i) {
+                const float t = xb[i] * inv, q = std::nearbyint(t);
+                qb[i] = static_cast<int8_t>(q);
+                rb[i] = static_cast<int8_t>(std::nearbyint((t - q) * kRest));
+                sum += static_cast<int32_t>(kRest) * qb[i] + rb[i];
+            }
+            const float scale = top / 127.f / kRest;
+            const int64_t at = row * (k / block) + b;
+            out.scale[at] = scale;
+            out.qsum[at] = scale * static_cast<float>(sum);
+            out.isum[at] = sum;
+        }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define TSLLM_INT_DOT 1
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define TSLLM_VNNI 1
+#endif
+// acc (8 int32 lanes) += per lane: sum of 4 products w (4 unsigned bytes) * x (4 signed).
+inline __m256i dot_u8(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, w, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+    const __m256i pairs = _mm256_maddubs_epi16(w, x);     // <= 2 * 255 * 127: q4 and |q8|
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+// Weights of one 64-byte chunk as unsigned bytes for dot_u8, with how much each activation
+// sum must be taken off again: q4 nibbles as they are; q8 values + 128 (vpdpbusd: the sum
+// comes back exactly, in int32) or, with maddubs, |q| with the activation's sign moved to it
+// (|q| <= 128 keeps maddubs's 16-bit pairs from saturating).
+template <Format F, int Half>
+inline __m256i chunk_half(const uint8_t* c, __m256i& lo_hi) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * Half));
+    if constexpr (F == Format::kQ4) {
+        const __m256i mask = _mm256_set1_epi8(15);
+        lo_hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        return _mm256_and_si256(v, mask);
+    } else {
+        return v;
+    }
+}
+
+// One chunk's products for one row's int8 activations at x (4 of them, or 8 for q4): w_* as
+// chunk_half gave them (up_*: a q4 chunk's high nibbles; sign_*: q8's signed values).
+template <Format F>
+inline void dot_chunk(const int8_t* x, __m256i w_lo, __m256i w_hi, __m256i up_lo, __m256i up_hi,
+                      __m256i sign_lo, __m256i sign_hi, __m256i& lo, __m256i& hi) {
+    int32_t word;
+    std::memcpy(&word, x, 4);
+    const __m256i x4 = _mm256_set1_epi32(word);
+#if !defined(TSLLM_VNNI)
+    if constexpr (F == Format::kQ8) {
+        lo = dot_u8(lo, w_lo, _mm256_sign_epi8(x4, sign_lo));
+        hi = dot_u8(hi, w_hi, _mm256_sign_epi8(x4, sign_hi));
+        return;
+    }
+#endif
+    lo = dot_u8(lo, w_lo, x4);
+    hi = dot_u8(hi, w_hi, x4);
+    if constexpr (F == Format::kQ4) {
+        std::memcpy(&word, x + 4, 4);
+        const __m256i up = _mm256_set1_epi32(word);
+        lo = dot_u8(lo, up_lo, up);
+        hi = dot_u8(hi, up_hi, up);
+    }
+}
+#endif
+
+// y[r][0..cols) for MR rows over panel p. Per block: int32 sums of the products, then the
+// fp32 combine with the block's weight scales (and mins) and the row's activation scale.
+template <Format F, bool kMin, int MR>
+void int_tile(const QuantRows& xq, int64_t r0, int64_t k, const Matrix& w, int64_t p,
+              const float* bias, int64_t cols, float* y, int64_t ldy) {
+    const int64_t block = xq.block, blocks = k / block, per_group = w.group / block;
+    const int64_t groups = k / w.group;
+    const uint8_t* base = static_cast<const uint8_t*>(w.values) + p * panel_bytes(F, k);
+    const float* sc = w.scales + p * groups * kPanel;
+    const float* mn = kMin ? w.mins + p * groups * kPanel : nullptr;
+    alignas(64) float out[MR][kPanel] = {};
+#if defined(TSLLM_INT_DOT)
+    __m256 acc_lo[MR], acc_hi[MR];
+    for (int r = 0; r < MR; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
+    constexpr int64_t per_chunk = F == Format::kQ4 ? 8 : 4;
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m256i sum_lo[MR], sum_hi[MR], rest_lo[MR], rest_hi[MR];   // over q and over r
+        for (int r = 0; r < MR; ++r)
+            sum_lo[r] = sum_hi[r] = rest_lo[r] = rest_hi[r] = _mm256_setzero_si256();
+        const uint8_t* c = base + b * block / per_chunk * kChunk;
+        for (int64_t i = b * block, end = i + block; i < end; i += per_chunk, c += kChunk) {
+            __m256i up_lo, up_hi;
+            __m256i w_lo = chunk_half<F, 0>(c, up_lo), w_hi = chunk_half<F, 1>(c, up_hi);
+            const __m256i s_lo = w_lo, s_hi = w_hi;   // q8 with maddubs: signs move to x
+#if !defined(TSLLM_VNNI)
+            if constexpr (F == Format::kQ8) w_lo = _mm256_abs_epi8(w_lo), w_hi = _mm256_abs_epi8(w_hi);
+#else
+            if constexpr (F == Format::kQ8) {
+                const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+                w_lo = _mm256_xor_si256(w_lo, flip), w_hi = _mm256_xor_si256(w_hi, flip);
+            }
+#endif
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r) {
+                const int64_t at = (r0 + r) * k + i;
+                dot_chunk<F>(xq.q.data() + at, w_lo, w_hi, up_lo, up_hi, s_lo, s_hi,
+                             sum_lo[r], sum_hi[r]);
+                dot_chunk<F>(xq.r.data() + at, w_lo, w_hi, up_lo, up_hi, s_lo, s_hi,
+                             rest_lo[r], rest_hi[r]);
+            }
+        }
+        const int64_t g = b / per_group;
+        const __m256 s_lo = _mm256_loadu_ps(sc + g * kPanel), s_hi = _mm256_loadu_ps(sc + g * kPanel + 8);
+        __m256 m_lo = _mm256_setzero_ps(), m_hi = _mm256_setzero_ps();
+        if constexpr (kMin) m_lo = _mm256_loadu_ps(mn + g * kPanel), m_hi = _mm256_loadu_ps(mn + g * kPanel + 8);
+        for (int r = 0; r < MR; ++r) {
+            const int64_t at = (r0 + r) * blocks + b;
+            const __m256i rest = _mm256_set1_epi32(static_cast<int32_t>(kRest));
+            __m256i lo = _mm256_add_epi32(_mm256_mullo_epi32(sum_lo[r], rest), rest_lo[r]);
+            __m256i hi = _mm256_add_epi32(_mm256_mullo_epi32(sum_hi[r], rest), rest_hi[r]);
+#if defined(TSLLM_VNNI)
+            if constexpr (F == Format::kQ8) {      // take the +128 of the weights off again
+                const __m256i off = _mm256_set1_epi32(128 * xq.isum[at]);
+                lo = _mm256_sub_epi32(lo, off), hi = _mm256_sub_epi32(hi, off);
+            }
+#endif
+            const __m256 d = _mm256_set1_ps(xq.scale[at]);
+            acc_lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(s_lo, d), acc_lo[r]);
+            acc_hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(s_hi, d), acc_hi[r]);
+            if constexpr (kMin) {
+                const __m256 qs = _mm256_set1_ps(xq.qsum[at]);
+                acc_lo[r] = _mm256_fmadd_ps(m_lo, qs, acc_lo[r]);
+                acc_hi[r] = _mm256_fmadd_ps(m_hi, qs, acc_hi[r]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        _mm256_store_ps(out[r], acc_lo[r]);
+        _mm256_store_ps(out[r] + 8, acc_hi[r]);
+    }
+#else
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t g = b / per_group;
+        for (int r = 0; r < MR; ++r) {
+            const int64_t at = (r0 + r) * blocks + b;
+            for (int j = 0; j < kPanel; ++j) {
+                int32_t sum = 0;
+                for (int64_t i = b * block; i < (b + 1) * block; ++i) {
+                    int32_t q;
+                    if constexpr (F == Format::kQ4) {
+                        const uint8_t byte = base[i / 8 * kChunk + j * 4 + i % 4];
+                        q = (byte >> (4 * ((i / 4) % 2))) & 15;
+                    } else {
+                        q = static_cast<int8_t>(base[i / 4 * kChunk + j * 4 + i % 4]);
+                    }
+                    const int64_t at_x = (r0 + r) * k + i;
+                    sum += q * (static_cast<int32_t>(kRest) * xq.q[at_x] + xq.r[at_x]);
+                }
+                out[r][j] += static_cast<float>(sum) * (sc[g * kPanel + j] * xq.scale[at]);
+                if constexpr (kMin) out[r][j] += mn[g * kPanel + j] * xq.qsum[at];
+            }
+        }
+    }
+#endif
+    for (int r = 0; r < MR; ++r)
+        for (int64_t j = 0; j < cols; ++j) y[r * ldy + j] = out[r][j] + (bias ? bias[j] : 0.f);
+}
+
+#if defined(__AVX512VL__)
+constexpr int kIntRows = 4;     // rows a tile: 16 int32 and 8 fp32 accumulators of 32
+#else
+constexpr int kIntRows = 2;     // of 16 vector registers
+#endif
+
+using IntTile = void (*)(const QuantRows&, int64_t, int64_t, const Matrix&, int64_t,
+                         const float*, int64_t, float*, int64_t);
+
+template <Format F, bool kMin, int... R>
+constexpr std::array<IntTile, sizeof...(R)> int_tiles(std::integer_sequence<int, R...>) {
+    return {&int_tile<F, kMin, R + 1>...};
+}
+
+const IntTile* int_tiles_for(const Matrix& w) {
+    using Rows = std::make_integer_sequence<int, kIntRows>;
+    static constexpr auto q8 = int_tiles<Format::kQ8, false>(Rows{});
+    static constexpr auto q8m = int_tiles<Format::kQ8, true>(Rows{});
+    static constexpr auto q4 = int_tiles<Format::kQ4, false>(Rows{});
+    static constexpr auto q4m = int_tiles<Format::kQ4, true>(Rows{});
+    if (w.format == Format::kQ8) return w.mins ? q8m.data() : q8.data();
+    return w.mins ? q4m.data() : q4.data();
+}
+
+void int_rows(const float* x, int64_t m, const Matrix& w, const float* bias, float* y) {
+    const int64_t k = w.k, n = w.n, panels = (n + kPanel - 1) / kPanel;
+    QuantRows xq;
+    quantize_rows(x, m, k, std::min<int64_t>(w.group, 32), xq);
+    const IntTile* fns = int_tiles_for(w);
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r0);
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p) {
+                const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
+                for (int64_t r = 0; r < rows; r += kIntRows) {
+                    const int64_t mr = std::min<int64_t>(kIntRows, rows - r);
+                    fns[mr - 1](xq, r0 + r, k, w, p, bias ? bias + col : nullptr, cols,
+                                y + (r0 + r) * n + col, n);
+                }
+            }
+        });
+    }
+}
+
+// One weight of row `row`, input i, in fp32 (q * scale + min, rounded once).
+inline float weight_at(const Matrix& w, int64_t row, int64_t i) {
+    const int64_t p = row / kPanel, j = row % kPanel;
+    const uint8_t* base = static_cast<const uint8_t*>(w.values) + p * panel_bytes(w.format, w.k);
+    float q = 0.f;
+    switch (w.format) {
+        case Format::kF32: return reinterpret_cast<const float*>(base)[i * kPanel + j];
+        case Format::kBF16: {
+            const uint32_t bits = static_cast<uint32_t>(
+                reinterpret_cast<const uint16_t*>(base)[i * kPanel + j]) << 16;
+            float f;
+            std::memcpy(&f, &bits, 4);
+            return f;
+        }
+        case Format::kF16:
+            return static_cast<float>(c10::Half(
+                reinterpret_cast<const uint16_t*>(base)[i * kPanel + j], c10::Half::from_bits()));
+        case Format::kQ8:
+            q = static_cast<int8_t>(base[i / 4 * kChunk + j * 4 + i % 4]);
+            break;
+        case Format::kQ4:
+            q = (base[i / 8 * kChunk + j * 4 + i % 4] >> (4 * ((i / 4) % 2))) & 15;
+            break;
+    }
+    const int64_t at = (p * (w.k / w.group) + i / w.group) * kPanel + j;
+    return std::fma(q, w.scales[at], w.mins ? w.mins[at] : 0.f);
+}
+
+}  // namespace
+
+void matrix_rows(const float* x, int64_t m, const Matrix& w, const float* bias, float* y) {
+    switch (w.format) {
+        case Format::kF32:
+            return linear_rows(x, m, w.k, static_cast<const float*>(w.values), w.n, bias, y);
+        case Format::kBF16: case Format::kF16: return half_rows(x, m, w, bias, y);
+        case Format::kQ8: case Format::kQ4: return int_rows(x, m, w, bias, y);
+    }
+}
+
+void gather_rows(const Matrix& w, const int32_t* ids, int64_t count, float* out) {
+    for (int64_t t = 0; t < count; ++t)
+        TORCH_CHECK(ids[t] >= 0 && ids[t] < w.n, "token id ", ids[t],
+                    " outside the vocabulary of ", w.n);
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t)
+            for (int64_t i = 0; i < w.k; ++i) out[t * w.k + i] = weight_at(w, ids[t], i);
+    });
+}
+
+Matrix matrix_of(const at::Tensor& values, const c10::optional<at::Tensor>& scales,
+                 const c10::optional<at::Tensor>& mins, int64_t n, const char* what) {
+    const auto type = values.scalar_type();
+    Format f;
+    if (type == at::kFloat) f = Format::kF32;
+    else if (type == at::kBFloat16) f = Format::kBF16;
+    else if (type == at::kHalf) f = Format::kF16;
+    else if (type == at::kChar) f = Format::kQ8;
+    else if (type == at::kByte) f = Format::kQ4;
+    else TORCH_CHECK(false, what, ": packed values of dtype ", type, " are no weight format");
+    const bool quantized = f == Format::kQ8 || f == Format::kQ4;
+    const int64_t panels = (n + kPanel - 1) / kPanel, width = quantized ? kChunk : kPanel;
+    TORCH_CHECK(values.dim() == 3 && values.is_contiguous() && values.size(0) == panels &&
+                values.size(2) == width, what, ": packed values [ceil(", n, " / 16), ",
+                quantized ? "chunks, 64" : "k, 16", "]");
+    const int64_t k = values.size(1) * (f == Format::kQ4 ? 8 : f == Format::kQ8 ? 4 : 1);
+    const bool has_scales = scales.has_value() && scales->defined();
+    const bool has_mins = mins.has_value() && mins->defined();
+    TORCH_CHECK(has_scales == quantized && (quantized || !has_mins), what,
+                ": scales come with the q8 and q4 formats only, mins only with scales");
+    TORCH_CHECK(f == Format::kF32 || k % 4 == 0, what, ": ", k,
+                " inputs; the bf16, fp16 and quantized kernels take a multiple of 4");
+    Matrix m{f, n, k, k, values.data_ptr(), nullptr, nullptr};
+    if (quantized) {
+        for (const at::Tensor* t : {&*scales, has_mins ? &*mins : &*scales})
+            TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 &&
+                        t->size(0) == panels && t->size(2) == kPanel && t->size(1) > 0 &&
+                        k % t->size(1) == 0 && t->sizes() == scales->sizes(),
+                        what, ": scales and mins fp32 [ceil(n / 16), k / group, 16]");
+        m.group = k / scales->size(1);
+        TORCH_CHECK(m.group % 16 == 0 && (m.group <= 32 || m.group % 32 == 0), what,
+                    ": group of ", m.group, " inputs; 16, 32 or a multiple of 32");
+        m.scales = scales->data_ptr<float>();
+        m.mins = has_mins ? mins->data_ptr<float>() : nullptr;
+    }
+    return m;
+}
+
+namespace {
+
+at::Tensor matrix_linear(const at::Tensor& x, const at::Tensor& values,
+                         const c10::optional<at::Tensor>& scales,
+                         const c10::optional<at::Tensor>& mins, int64_t n,
+                         const c10::optional<at::Tensor>& bias) {
+    const Matrix w = matrix_of(values, scales, mins, n, "matrix_linear");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                x.size(1) == w.k, "matrix_linear: x contiguous fp32 [m, ", w.k, "]");
+    const float* bp = nullptr;
+    if (bias.has_value() && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == n, "matrix_linear: bias [n] fp32");
+        bp = bias->data_ptr<float>();
+    }
+    at::Tensor y = at::empty({x.size(0), n}, x.options());
+    matrix_rows(x.data_ptr<float>(), x.size(0), w, bp, y.data_ptr<float>());
+    return y;
+}
+
+at::Tensor matrix_rows_of(const at::Tensor& ids, const at::Tensor& values,
+                          const c10::optional<at::Tensor>& scales,
+                          const c10::optional<at::Tensor>& mins, int64_t n) {
+    const Matrix w = matrix_of(values, scales, mins, n, "matrix_rows_of");
+    TORCH_CHECK(ids.scalar_type() == at::kInt && ids.is_contiguous(),
+                "matrix_rows_of: ids contiguous int32");
+    at::Tensor out = at::empty({ids.numel(), w.k}, values.options().dtype(at::kFloat));
+    gather_rows(w, ids.data_ptr<int32_t>(), ids.numel(), out.data_ptr<float>());
+    return out;
+}
+
+// (q, r int8 [m, k], scale [m, k / block]) as the q8 and q4 kernels quantize activations:
+// x ~ (254 q + r) * scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_op(const at::Tensor& x,
+                                                                int64_t block) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                block > 0 && x.size(1) % block == 0,
+                "quantize_rows: x contiguous fp32 [m, k], k a multiple of block");
+    const int64_t m = x.size(0), k = x.size(1);
+    QuantRows q;
+    quantize_rows(x.data_ptr<float>(), m, k, block, q);
+    auto f = x.options();
+    at::Tensor qt = at::empty({m, k}, f.dtype(at::kChar)), rt = at::empty({m, k}, f.dtype(at::kChar));
+    std::memcpy(qt.data_ptr(), q.q.data(), q.q.size());
+    std::memcpy(rt.data_ptr(), q.r.data(), q.r.size());
+    at::Tensor st = at::empty({m, k / block}, f);
+    std::memcpy(st.data_ptr(), q.scale.data(), q.scale.size() * 4);
+    return {qt, rt, st};
+}
+
+}  // namespace
+
+}  // namespace tsllm
+
+TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
+    m.def("matrix_linear(Tensor x, Tensor values, Tensor? scales, Tensor? mins, int n, "
+          "Tensor? bias) -> Tensor");
+    m.impl("matrix_linear", c10::DispatchKey::CPU, &tsllm::matrix_linear);
+    m.def("matrix_rows_of(Tensor ids, Tensor values, Tensor? scales, Tensor? mins, int n) "
+          "-> Tensor");
+    m.impl("matrix_rows_of", c10::DispatchKey::CPU, &tsllm::matrix_rows_of);
+    m.def("quantize_rows(Tensor x, int block) -> (Tensor, Tensor, Tensor)");
+    m.impl("quantize_rows", c10::DispatchKey::CPU, &tsllm::quantize_rows_op);
+}
