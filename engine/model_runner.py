@@ -43,6 +43,7 @@ class ModelRunner:
         quantization = None if config.quantization is None else Quantization(
             QUANTIZATIONS[config.quantization], config.quantization_group_size)
         self.model.pack(quantization)
+        kernels.release_freed_heap()    # the loader's transient copies (~2x the weights)
         self.sampler = Sampler(eos_token_ids)
         self.num_blocks = self._size_pool()
         assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"

@@ -56,6 +56,9 @@ class HandlerSettings(BaseModel):
         if not path.exists():
             raise ValueError(f"handler.model_path {settings.model_path!r} not found "
                              f"(resolved to {path})")
+        ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        if len(ggufs) == 1 and not (path / "config.json").exists():
+            path = ggufs[0]     # a bundled GGUF file (build_archives.py --bundle)
         settings.model_path = str(path)
         return settings
 

@@ -9,6 +9,7 @@ behaviour continuous batching removes. Body: ``{"prompt" (text or token ids), "m
 "batch_size"}``.
 """
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +27,15 @@ class StaticBatchingLLMHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         settings = HandlerSettings.from_context(context)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, padding_side="left")
+        path, source = Path(settings.model_path), {}
+        if path.suffix == ".gguf":      # transformers dequantizes it to dense weights
+            path, source = path.parent, {"gguf_file": path.name}
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **source)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         engine = EngineConfig(**settings.engine_args())     # same dtype/device checks
-        self.model = AutoModelForCausalLM.from_pretrained(settings.model_path,
-                                                          dtype=getattr(torch, engine.dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, engine.dtype),
+                                                          **source)
         self.device = torch.device(engine.device)
         self.model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id

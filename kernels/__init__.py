@@ -23,13 +23,14 @@ import os
 import torch
 
 from kernels import cpu_build
-from kernels.huge_pages import HugePageArena
+from kernels.huge_pages import HugePageArena, release_freed_heap
 from kernels.lanes import GGUF_LANE_TYPES, Lanes, from_gguf, quantize
 from kernels.reference import paged_attention_reference, store_kv_reference
 
 __all__ = ["BACKENDS", "GGUF_LANE_TYPES", "HugePageArena", "Lanes", "argmax_rows",
            "bind_decoder", "embedding_packed", "finite_rows", "from_gguf", "get_backend",
-           "linear_packed", "pack_linear", "paged_attention", "quantize", "set_backend",
+           "linear_packed", "pack_linear", "paged_attention", "quantize", "release_freed_heap",
+           "set_backend",
            "store_kv"]
 
 BACKENDS = ("auto", "triton", "reference")

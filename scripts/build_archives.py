@@ -11,7 +11,7 @@ and handlers packages are installed in the server's environment (``pip install -
 changes need no rebuild. An archive is rebuilt only when its inputs changed (a stamp beside
 it) or with ``--force``.
 
-    python scripts/build_archives.py                 # SmolLM2-135M-Instruct (imported once)
+    python scripts/build_archives.py                 # SmolLM2-135M-Instruct's shipped GGUF
     python scripts/build_archives.py --size tiny     # tests
     python scripts/build_archives.py --model-path /path/to/hf-llama-checkpoint
 """
@@ -41,9 +41,9 @@ def ensure_checkpoints(size: str, models_dir: Path, llm_path: Path | None) -> di
     if llm_path is None and size == "tiny":
         from scripts.make_default_model import make_model
         llm_path = make_model(models_dir / "tiny-llama", size="tiny", arch="llama")
-    elif llm_path is None:
-        from scripts.make_smollm2 import make_smollm2
-        llm_path = make_smollm2(models_dir / "smollm2-135m-instruct")
+    elif llm_path is None:      # the shipped GGUF file, served in its own types
+        from scripts.make_smollm2 import smollm2_gguf
+        llm_path = smollm2_gguf()
     return {"llm": Path(llm_path).resolve(),
             "classifier": Path(make_classifier(models_dir / "classifier")).resolve()}
 
@@ -76,7 +76,8 @@ def build_archive(name: str, checkpoint: Path, out: Path, force: bool = False,
         config_text = point_config(config_text, checkpoint)
     archive, stamp_file = out / f"{name}.mar", out / f".{name}.stamp.json"
     stamp = {"checkpoint": str(checkpoint), "bundle": bundle,
-             "checkpoint_mtime": max(p.stat().st_mtime for p in checkpoint.iterdir()),
+             "checkpoint_mtime": max(p.stat().st_mtime for p in (
+                 checkpoint.iterdir() if checkpoint.is_dir() else [checkpoint])),
              "config": config_text, "handler": handler.read_text()}
     if not force and archive.exists() and stamp_file.exists() \
             and json.loads(stamp_file.read_text()) == stamp:
@@ -91,7 +92,11 @@ def build_archive(name: str, checkpoint: Path, out: Path, force: bool = False,
             # <stage>/files/checkpoint -> checkpoint so the weights land in checkpoint/
             staged = Path(stage) / "files"
             staged.mkdir()
-            (staged / "checkpoint").symlink_to(checkpoint, target_is_directory=True)
+            if checkpoint.is_dir():
+                (staged / "checkpoint").symlink_to(checkpoint, target_is_directory=True)
+            else:       # a GGUF file: checkpoint/<file>
+                (staged / "checkpoint").mkdir()
+                (staged / "checkpoint" / checkpoint.name).symlink_to(checkpoint)
         subprocess.run(archive_cmd(name, handler, config, staged, out), check=True)
     stamp_file.write_text(json.dumps(stamp))
     return archive
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: SmolLM2-135M-Instruct; tiny: a small test model "
                              "(ignored with --model-path)")
     parser.add_argument("--model-path", type=Path, default=None,
-                        help="a local Hugging Face checkpoint directory to serve instead")
+                        help="a local Hugging Face checkpoint directory or GGUF file to serve "
+                             "instead")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=ROOT / "archives")
     parser.add_argument("--names", default=",".join(ARCHIVES), help="archives to build")

