@@ -53,8 +53,9 @@ class EngineConfig:
         need(self.quantization is None or self.quantization in QUANTIZATIONS,
              f"quantization must be one of {tuple(QUANTIZATIONS)} or None, got "
              f"{self.quantization!r}")
-        need(self.quantization_group_size > 0 and self.quantization_group_size % 4 == 0,
-             f"quantization_group_size must be a positive multiple of 4, got "
+        need(self.quantization_group_size == 16 or (self.quantization_group_size > 0 and
+                                                     self.quantization_group_size % 32 == 0),
+             f"quantization_group_size must be 16 or a positive multiple of 32, got "
              f"{self.quantization_group_size}")
         need(self.quantization is None or self.dtype == "float32",
              f"quantization {self.quantization} quantizes fp32 weights: dtype must be float32, "

@@ -88,8 +88,9 @@ def quantize(weight: torch.Tensor, bits: int, group: int) -> Lanes:
     n, k = weight.shape
     if bits not in (4, 8):
         raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
-    if group % 4 or k % group:
-        raise ValueError(f"group size {group} must be a multiple of 4 dividing {k} inputs")
+    if not (group == 16 or group % 32 == 0) or k % group:
+        raise ValueError(f"group size {group} must be 16 or a multiple of 32 dividing the "
+                         f"{k} inputs")
     w = weight.detach().float().reshape(n, k // group, group)
     top = 127 if bits == 8 else 7
     scales = w.abs().amax(dim=-1) / top
