@@ -34,8 +34,8 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, **engine_args) -> None:
         self.config = EngineConfig(**engine_args)
         model_path = str(model_path)
+        config = read_config(model_path)        # first: a broken file's error names it
         self.tokenizer = read_tokenizer(model_path)
-        config = read_config(model_path)
         if is_gguf(model_path) and self.config.quantization is not None:
             raise ValueError(f"quantization {self.config.quantization!r} is for dense "
                              "checkpoints; a GGUF file is served in its own types")

@@ -88,7 +88,7 @@ def quantize(weight: torch.Tensor, bits: int, group: int) -> Lanes:
     n, k = weight.shape
     if bits not in (4, 8):
         raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
-    if not (group == 16 or group % 32 == 0) or k % group:
+    if group <= 0 or not (group == 16 or group % 32 == 0) or k % group:
         raise ValueError(f"group size {group} must be 16 or a multiple of 32 dividing the "
                          f"{k} inputs")
     w = weight.detach().float().reshape(n, k // group, group)

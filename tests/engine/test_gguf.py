@@ -1,0 +1,173 @@
+"""GGUF files served in their stored types (engine/models/gguf_file.py), against transformers
+reading the same file: F32 and F16 greedy token-identical; Q8_0, Q4_1 and a file mixing five
+block types across the fused q/k/v and gate/up parts score prompts as transformers does on the
+dequantized weights; unsupported, corrupt, mixed-kind and truncated files are refused with an
+error naming the problem; KV blocks all come back. Plus SmolLM2's shipped Q4_1 file against
+transformers' fp32 import of it."""
+import random
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_files import write_gguf
+from transformers import AutoModelForCausalLM
+
+from engine import LLMEngine, SamplingParams
+from engine.models import gguf_file
+
+MIXED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def _mixed(name: str) -> str:
+    """A block type per tensor, cycling so q, k and v (and gate, up) differ."""
+    return MIXED[sum(map(ord, name)) % len(MIXED)]
+
+
+@pytest.fixture(scope="module")
+def files(tiny_llama, tmp_path_factory):
+    """``files(kind)``: the tiny Llama written as a GGUF file of ``kind`` (once per kind)."""
+    out = tmp_path_factory.mktemp("gguf")
+    made: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = write_gguf(out / f"tiny-{kind}.gguf", tiny_llama,
+                                    _mixed if kind == "mixed" else kind)
+        return made[kind]
+    return make
+
+
+def _hf(path: Path):
+    """transformers' own reading of the file (dequantized to fp32)."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(7, 1024) for _ in range(n)] for n in lengths]
+
+
+def _greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=n, min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+def test_mixed_file_has_mixed_parts(files) -> None:
+    reader = gguf.GGUFReader(str(files("mixed")))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert len({kinds[f"blk.0.attn_{p}.weight"] for p in "qkv"}) > 1
+    assert len({kinds[n] for n in kinds if n.endswith(".weight") and
+                kinds[n] != "F32"}) == len(MIXED)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16"])
+def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> None:
+    path = files(kind)
+    # F32: the checkpoint itself; F16: transformers on the file's rounded weights
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval() \
+        if kind == "F32" else _hf(path)
+    prompts = _prompts([1, 17, 40, 100], seed=1)
+    llm = LLMEngine(path, num_blocks=64, max_num_seqs=4)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens"
+    assert llm.allocator.num_free == llm.allocator.num_blocks
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "mixed"])
+def test_quantized_files_score_as_transformers(files, kind: str) -> None:
+    path = files(kind)
+    prompt = _prompts([120], seed=2)[0]
+    llm = LLMEngine(path, num_blocks=32)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                prompt_logprobs=1), use_tqdm=False)[0]
+    assert llm.allocator.num_free == llm.allocator.num_blocks
+    hf = _hf(path)
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], dim=-1)
+    got = torch.tensor([p.token.logprob for p in out.prompt_logprobs[1:]], dtype=torch.float64)
+    ref = want[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].double()
+    # the weights are the same; only the activations' two-pass int8 rounding differs
+    assert float((got - ref).abs().max()) < 4e-3
+    assert abs(float(torch.exp(-got.mean()) / torch.exp(-ref.mean())) - 1) < 1e-3
+    top1 = [p.top[0].token_id for p in out.prompt_logprobs[1:]]
+    agree = sum(a == b for a, b in zip(top1, want[:-1].argmax(-1).tolist())) / len(top1)
+    assert agree >= 0.97, agree         # leading logits of the random model are near-tied
+    assert out.token_ids[:1] == _greedy(hf, prompt, 1)
+
+
+def _refused(path: Path, *patterns: str) -> None:
+    with pytest.raises(ValueError) as info:
+        LLMEngine(path, num_blocks=8)
+    for pattern in patterns:
+        assert pattern in str(info.value), str(info.value)
+
+
+def test_unsupported_type_names_tensor_and_type(tiny_llama, tmp_path) -> None:
+    raw = np.random.default_rng(3).integers(0, 256, (64, 4 * 18), dtype=np.uint8)  # [64, 128]
+    path = write_gguf(tmp_path / "iq.gguf", tiny_llama, "Q8_0",
+                      {"blk.1.ffn_down.weight": ("IQ4_NL", raw)})
+    _refused(path, "'blk.1.ffn_down.weight'", "IQ4_NL", "does not serve")
+
+
+def test_corrupt_block_names_tensor(tiny_llama, tmp_path) -> None:
+    w = np.random.default_rng(4).standard_normal((64, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    raw[5, 0:2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
+    path = write_gguf(tmp_path / "nan.gguf", tiny_llama, "Q8_0",
+                      {"blk.0.ffn_down.weight": ("Q8_0", raw)})
+    _refused(path, "'blk.0.ffn_down.weight'", "corrupt")
+
+
+def test_fused_parts_of_different_kinds_are_refused(tiny_llama, tmp_path) -> None:
+    path = write_gguf(tmp_path / "kinds.gguf", tiny_llama,
+                      lambda name: "F16" if name == "blk.0.attn_k.weight" else "Q8_0")
+    _refused(path, "qkv_proj", "different kinds")
+
+
+def test_truncated_file_is_refused(files, tmp_path) -> None:
+    data = files("F32").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) - 100])         # the last tensor's data cut short
+    with pytest.raises(ValueError, match="cut.gguf: not a readable GGUF file"):
+        gguf_file.open_reader(cut)
+    with pytest.raises(ValueError, match="cut.gguf: not a readable GGUF file"):
+        LLMEngine(cut, num_blocks=8)
+
+
+def test_file_cut_in_its_metadata_is_a_value_error(files, tmp_path) -> None:
+    cut = tmp_path / "head.gguf"
+    cut.write_bytes(files("F32").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="head.gguf: not a readable GGUF file"):
+        LLMEngine(cut, num_blocks=8)
+
+
+def test_smollm2_shipped_file(smollm2_gguf, smollm2_dir) -> None:
+    llm = LLMEngine(smollm2_gguf, num_blocks=32)
+    questions = ["What is the capital of France?", "Name three primary colors."]
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                 tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, prompt_logprobs=0),
+                        use_tqdm=False)
+    assert llm.allocator.num_free == llm.allocator.num_blocks
+    # smollm2_dir is transformers' fp32 import of this very file: the same weights
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = torch.log_softmax(hf(ids).logits[0], dim=-1)
+            greedy = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=16)[0, ids.shape[1]:].tolist()
+        ref = want[:-1].gather(1, ids[0, 1:, None])[:, 0]
+        got = torch.tensor([p.token.logprob for p in out.prompt_logprobs[1:]])
+        assert float((got - ref).abs().max()) < 0.02
+        assert out.token_ids == greedy, out.text
+    assert "Paris" in outs[0].text
