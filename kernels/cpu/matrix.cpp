@@ -59,6 +59,23 @@ int64_t panel_bytes(Format f, int64_t k) {
     return 0;
 }
 
+// fn(first row, rows, panel, first column, columns) once per tile of y [m, n]: blocks of
+// kRowBlock rows whose inputs stay in L2 while every panel passes (panels in parallel), and
+// inside a block tiles of at most `tile_rows` rows.
+template <typename Fn>
+void over_tiles(int64_t m, int64_t n, int64_t tile_rows, const Fn& fn) {
+    const int64_t panels = (n + kPanel - 1) / kPanel;
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r0);
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p)
+                for (int64_t r = 0; r < rows; r += tile_rows)
+                    fn(r0 + r, std::min(tile_rows, rows - r), p, p * kPanel,
+                       std::min(kPanel, n - p * kPanel));
+        });
+    }
+}
+
 // ---- bf16 and fp16: widened to fp32 lanes, fp32 FMAs ------------------------------------
 
 #if defined(__AVX512F__)
@@ -115,20 +132,11 @@ void half_rows(const float* x, int64_t m, const Matrix& w, const float* bias, fl
     static constexpr auto f16 =
         half_tiles<Format::kF16>(std::make_integer_sequence<int, kMaxRows>{});
     const HalfTile* fns = w.format == Format::kBF16 ? bf16.data() : f16.data();
-    const int64_t k = w.k, n = w.n, panels = (n + kPanel - 1) / kPanel;
-    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, m - r0);
-        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t p = begin; p < end; ++p) {
-                const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
-                for (int64_t r = 0; r < rows; r += kMaxRows) {
-                    const int64_t mr = std::min<int64_t>(kMaxRows, rows - r);
-                    fns[mr - 1](x + (r0 + r) * k, k, w, p, bias ? bias + col : nullptr, cols,
-                                y + (r0 + r) * n + col, n);
-                }
-            }
-        });
-    }
+    over_tiles(m, w.n, kMaxRows, [&](int64_t row, int64_t mr, int64_t p, int64_t col,
+                                     int64_t cols) {
+        fns[mr - 1](x + row * w.k, w.k, w, p, bias ? bias + col : nullptr, cols,
+                    y + row * w.n + col, w.n);
+    });
 }
 
 // ---- q8 and q4: int8 activations, integer dot products ----------------------------------
@@ -366,23 +374,14 @@ const IntTile* int_tiles_for(const Matrix& w) {
 }
 
 void int_rows(const float* x, int64_t m, const Matrix& w, const float* bias, float* y) {
-    const int64_t k = w.k, n = w.n, panels = (n + kPanel - 1) / kPanel;
     QuantRows xq;
-    quantize_rows(x, m, k, std::min<int64_t>(w.group, 32), xq);
+    quantize_rows(x, m, w.k, std::min<int64_t>(w.group, 32), xq);
     const IntTile* fns = int_tiles_for(w);
-    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, m - r0);
-        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t p = begin; p < end; ++p) {
-                const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
-                for (int64_t r = 0; r < rows; r += kIntRows) {
-                    const int64_t mr = std::min<int64_t>(kIntRows, rows - r);
-                    fns[mr - 1](xq, r0 + r, k, w, p, bias ? bias + col : nullptr, cols,
-                                y + (r0 + r) * n + col, n);
-                }
-            }
-        });
-    }
+    over_tiles(m, w.n, kIntRows, [&](int64_t row, int64_t mr, int64_t p, int64_t col,
+                                     int64_t cols) {
+        fns[mr - 1](xq, row, w.k, w, p, bias ? bias + col : nullptr, cols, y + row * w.n + col,
+                    w.n);
+    });
 }
 
 // One weight of row `row`, input i, in fp32 (q * scale + min, rounded once).
