@@ -24,6 +24,9 @@ Rules learned from TorchServe 0.12 (docs/serving.md, "Wire rules"):
 - should a request answered with a complete response be sent again (TorchServe's source
   allows it on a kept-alive connection; not observed in 0.12.0), answer "" with criterion
   True, which retires it;
+- the keeper's hold request (route ``hold``, handlers/keeper.py) is kept open with "" and
+  criterion False, one per worker, so that no worker waits in TorchServe's job poll with the
+  model's lock while another has streams (docs/serving.md, "Several workers");
 - any response, even "", with criterion False puts the 200 status line on the wire, so a
   non-streaming request is left out of the response (its index dropped from
   ``context.request_ids``) until it finishes: its status is chosen at the end (504 past its

@@ -10,6 +10,7 @@ file and key_file.json (token authorization is on by default; the keys are read 
     python scripts/serve.py                   # start with archives/ as they are
     python scripts/serve.py --stop            # drains the LLM first (see drain_workers)
     python scripts/serve.py --drain llm       # drain only, e.g. before scaling it to zero
+    python scripts/serve.py --scale llm=2     # workers via the management API (drains first)
 """
 import sys
 from pathlib import Path
@@ -308,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop", action="store_true", help="stop the running server")
     parser.add_argument("--drain", default=None, metavar="MODELS",
                         help="drain these streaming models' workers (comma-separated) and exit")
+    parser.add_argument("--scale", default=None, metavar="MODEL=N",
+                        help="scale a model of the running server to N workers and exit")
+    parser.add_argument("--no-drain", action="store_true",
+                        help="with --scale: stop workers without draining them first")
     parser.add_argument("--demo", action="store_true",
                         help="build models and archives if needed, start, stream a sample")
     parser.add_argument("--size", choices=["tiny", "default"], default="default",
@@ -324,6 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stop:
         print("stopped" if stop_server(args.run_dir) else "no server running")
+        return
+    if args.scale:
+        server = running_server(args.run_dir)
+        if server is None:
+            raise SystemExit("no server running")
+        model, count = args.scale.split("=")
+        scale_workers(server, model, int(count), drain=not args.no_drain)
+        print(f"{model}: workers {worker_pids(server, model)}")
         return
     if args.drain:
         server = running_server(args.run_dir)
