@@ -49,7 +49,9 @@ class Keeper:
     @classmethod
     def from_env(cls, model_name: str, holding: Callable[[], bool]) -> "Keeper | None":
         url = os.environ.get(URL_ENV)
-        return cls(url, os.environ.get(KEY_FILE_ENV), model_name, holding) if url else None
+        if not url or os.environ.get("LOCAL_RANK", "0") != "0":   # torchrun: rank 0 answers
+            return None
+        return cls(url, os.environ.get(KEY_FILE_ENV), model_name, holding)
 
     def start(self) -> None:
         self._thread.start()

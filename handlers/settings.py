@@ -3,8 +3,8 @@
 Engine knobs are handed to ``LLMEngine`` unchanged; request limits and streaming knobs stay
 in the handler. This file must never touch TorchServe's wire protocol or the engine's state.
 Where the worker runs comes from TorchServe: on CUDA the GPU it assigned (``gpu_id``), on CPU
-an equal share of the cores for each of the model's ``maxWorkers`` unless ``num_threads`` is
-set.
+an equal share of the cores for each of the model's ``maxWorkers`` unless ``num_threads`` or
+``OMP_NUM_THREADS`` is set.
 """
 import os
 from dataclasses import fields
@@ -72,7 +72,8 @@ class HandlerSettings(BaseModel):
         gpu_id = system_properties.get("gpu_id")
         if device == "cuda" and gpu_id is not None:     # cuda:N in the config wins
             extra["device"] = f"cuda:{gpu_id}"
-        elif device == "cpu" and extra.get("num_threads") is None:
+        elif device == "cpu" and extra.get("num_threads") is None \
+                and "OMP_NUM_THREADS" not in os.environ:        # set by the operator: kept
             workers = max(1, int(model_config.get("maxWorkers") or 1))
             extra["num_threads"] = max(1, len(os.sched_getaffinity(0)) // workers)
 

@@ -121,10 +121,11 @@ def test_settings_resolve_model_path(tmp_path):
         HandlerSettings.from_context(ctx)
 
 
-def test_settings_place_each_worker(tmp_path):
-    """CPU: the cores split over maxWorkers unless num_threads is set; CUDA: the gpu_id
-    TorchServe assigned the worker, unless the config names a device index."""
+def test_settings_place_each_worker(tmp_path, monkeypatch):
+    """CPU: the cores split over maxWorkers unless num_threads or OMP_NUM_THREADS is set;
+    CUDA: the gpu_id TorchServe assigned the worker, unless the config names a device index."""
     (tmp_path / "checkpoint").mkdir()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
 
     def placed(handler: dict, workers: int | None = None, gpu_id: int | None = None) -> dict:
@@ -141,3 +142,5 @@ def test_settings_place_each_worker(tmp_path):
     assert placed({"num_threads": 3}, workers=2)["num_threads"] == 3
     assert placed({"device": "cuda"}, workers=2, gpu_id=1) == {"device": "cuda:1"}
     assert placed({"device": "cuda:0"}, gpu_id=1) == {"device": "cuda:0"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "num_threads" not in placed({}, workers=2)
