@@ -27,7 +27,7 @@ from transformers import AutoConfig
 from bench.client import warm_up
 from bench.metrics import machine
 from bench.models import add_model_arg, resolve
-from bench.serve import run_model
+from bench.serve import add_workload_args, run_model
 from bench.workload import make_workload
 from scripts.build_archives import ROOT, build_archive
 from scripts.serve import free_ports, start_server, stop_server, worker_pids
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_model_arg(p)
     p.add_argument("--workers", default="1,2", help="worker counts to compare")
     p.add_argument("--streams", default="16,64", help="requests sent at once, per run")
-    p.add_argument("--scale", type=float, default=0.25,
-                   help="multiplies the mean prompt (128) and output (256) lengths")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stats-interval", type=float, default=0.2, help="seconds")
+    add_workload_args(p)
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench_results" / "workers")
     args = p.parse_args(argv)
     os.environ.pop("OMP_NUM_THREADS", None)   # the handler then splits the cores
