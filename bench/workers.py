@@ -29,6 +29,7 @@ from bench.metrics import machine
 from bench.models import add_model_arg, resolve
 from bench.serve import add_workload_args, run_model
 from bench.workload import make_workload
+from kernels import cpu_build
 from scripts.build_archives import ROOT, build_archive
 from scripts.serve import free_ports, start_server, stop_server, worker_pids
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench_results" / "workers")
     args = p.parse_args(argv)
     os.environ.pop("OMP_NUM_THREADS", None)   # the handler then splits the cores
+    cpu_build.load()    # built here, not by a worker under TorchServe's startup timeout
     model_path = resolve(args.model)
     streams = [int(n) for n in args.streams.split(",")]
     runs = [run for w in args.workers.split(",")
