@@ -133,10 +133,11 @@ def drive_streams(send_one: Callable[[Request, float], RequestRecord], workload:
     return wall_s, records
 
 
-def warm_up(base_url: str, headers: dict[str, str], vocab_size: int) -> None:
+def warm_up(base_url: str, headers: dict[str, str], vocab_size: int,
+            models: tuple[str, ...] = ("llm", "llm_static"), count: int = 4) -> None:
     """A few short requests to each LLM, so first-call costs stay out of the numbers."""
-    warm = make_workload(4, vocab_size, 64, seed=123, prompt_mean=8, output_mean=4)
-    for model in ("llm", "llm_static"):
+    warm = make_workload(count, vocab_size, 64, seed=123, prompt_mean=8, output_mean=4)
+    for model in models:
         drive(f"{base_url}/{model}", headers, warm, stream=model == "llm", desc=f"warm-up {model}")
 
 

@@ -150,6 +150,15 @@ def run_in_process(model_path: Path, workload: list[Request], threads: int | Non
     return res.summary()
 
 
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The workload and sampling options bench/serve.py and bench/workers.py share."""
+    p.add_argument("--scale", type=float, default=0.25,
+                   help="multiplies the mean prompt (128) and output (256) lengths")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats-interval", type=float, default=0.2, help="seconds")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arg(p)
@@ -160,11 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=128, help="headline (inf) run")
     p.add_argument("--sweep-requests", type=int, default=16, help="each finite-rate run")
     p.add_argument("--rates", default="0.5,1,2,4,8,inf", help="req/s; inf = all at once")
-    p.add_argument("--scale", type=float, default=0.25,
-                   help="multiplies the mean prompt (128) and output (256) lengths")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stats-interval", type=float, default=0.2, help="seconds")
+    add_workload_args(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each TorchServe "
                    "worker (OMP_NUM_THREADS; 0: torch's default) and of the in-process engine")
     p.add_argument("--no-in-process", action="store_true")

@@ -24,6 +24,9 @@ Rules learned from TorchServe 0.12 (docs/serving.md, "Wire rules"):
 - should a request answered with a complete response be sent again (TorchServe's source
   allows it on a kept-alive connection; not observed in 0.12.0), answer "" with criterion
   True, which retires it;
+- the keeper's hold request (route ``hold``, handlers/keeper.py) is kept open with "" and
+  criterion False, one per worker, so that no worker waits in TorchServe's job poll with the
+  model's lock while another has streams (docs/serving.md, "Several workers");
 - any response, even "", with criterion False puts the 200 status line on the wire, so a
   non-streaming request is left out of the response (its index dropped from
   ``context.request_ids``) until it finishes: its status is chosen at the end (504 past its
@@ -38,6 +41,7 @@ worker on scale-down or stop, with no window to send anything: docs/serving.md,
 """
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -48,6 +52,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from engine import LLMEngine
 from handlers.engine_loop import EngineLoop, Stopping
 from handlers.framing import Framer, error_body
+from handlers.keeper import ROUTE as HOLD_ROUTE, Keeper
 from handlers.limits import enforce
 from handlers.protocol import ParsedRequest, RequestError, parse_request
 from handlers.settings import HandlerSettings
@@ -69,6 +74,8 @@ class ContinuousBatchingHandler(BaseHandler):
         self.started: set[str] = set()         # requests whose first chunk went out
         self.closed: set[str] = set()          # answered with a complete response
         self.ending: set[str] = set()          # sent their last chunk; end them with "" + True
+        self.hold: str | None = None           # the hold request this worker keeps open
+        self.keeper: Keeper | None = None
         self.model_name = ""
 
     def initialize(self, context: Any) -> None:
@@ -79,6 +86,9 @@ class ContinuousBatchingHandler(BaseHandler):
         self.loop = EngineLoop(engine, self.settings.lease_s, metrics,
                                self.settings.metrics_interval_s)
         self.loop.start()
+        self.keeper = Keeper.from_env(context.model_name, lambda: self.hold is not None)
+        if self.keeper is not None:
+            self.keeper.start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self.context = context
@@ -94,7 +104,7 @@ class ContinuousBatchingHandler(BaseHandler):
         verdicts: list[bool | None] = [False] * len(data)
         answered = False
         for idx, (rid, request) in enumerate(zip(ids, data)):
-            if rid in self.framers:
+            if rid in self.framers or rid == self.hold:
                 continue
             if rid in self.ending:
                 self.ending.discard(rid)
@@ -115,8 +125,9 @@ class ContinuousBatchingHandler(BaseHandler):
                 self.closed.add(rid)
                 answered = True
         inflight = [rid for rid in ids if rid in self.framers]
-        if inflight:
-            self.loop.wait(inflight, 0.0 if answered else self.settings.step_wait_s)
+        if inflight or self.hold in ids:  # a hold alone: the round trip paced, not spun
+            self.loop.wait(inflight, 0.0 if answered else
+                           self.settings.step_wait_s if inflight else self.settings.hold_wait_s)
         held = []
         for idx, rid in enumerate(ids):
             if rid not in self.framers:
@@ -141,6 +152,8 @@ class ContinuousBatchingHandler(BaseHandler):
     def _admit(self, idx: int, rid: str, request: dict[str, Any], context: Any) -> str | None:
         """Start a new request; returns a complete response when it is answered at once."""
         url_path = context.get_request_header(idx, "url_path") or ""
+        if url_path.strip("/") == HOLD_ROUTE:
+            return self._hold(idx, rid, context)
         try:
             parsed = parse_request(request, url_path, self.loop.engine.tokenizer,
                                    self.settings.default_max_tokens,
@@ -197,6 +210,14 @@ class ContinuousBatchingHandler(BaseHandler):
             return (framer.chunk(outputs, stream) if framer.stream else framer.whole(stream)), None
         return framer.chunk(outputs, stream), True
 
+    def _hold(self, idx: int, rid: str, context: Any) -> str | None:
+        """Keep the first hold request open (handlers/keeper.py); answer any other at once."""
+        if self.hold is None:
+            self.hold = rid
+            return None
+        context.set_response_content_type(idx, "application/json")
+        return json.dumps({"held": False, "reason": "this worker holds one already"})
+
     def _orphan(self, idx: int, rid: str, context: Any) -> str:
         """The error chunk for a stream whose worker is gone (TorchServe re-queued its job)."""
         logger.info("request %s: stream of a previous worker, ending it", rid)
@@ -222,6 +243,8 @@ class ContinuousBatchingHandler(BaseHandler):
         return self._error_chunk(framer is None or framer.api == "generate", err), True
 
     def _abort_missing(self, present: set[str]) -> None:
+        if self.hold not in present:    # its client (a keeper) is gone: hold the next one
+            self.hold = None
         for rid in list(self.framers):
             if rid not in present:
                 logger.info("request %s: client gone, aborting", rid)
@@ -241,7 +264,7 @@ class ContinuousBatchingHandler(BaseHandler):
 
     def _info(self, parsed: ParsedRequest) -> dict[str, Any]:
         if parsed.api == "stats":
-            return self.loop.stats() | {"draining": self.loop.stopping}
+            return self.loop.stats() | {"draining": self.loop.stopping, "pid": os.getpid()}
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": int(time.time()),
                                             "owned_by": "torchserve-llm"}]}

@@ -2,7 +2,11 @@
 
 Engine knobs are handed to ``LLMEngine`` unchanged; request limits and streaming knobs stay
 in the handler. This file must never touch TorchServe's wire protocol or the engine's state.
+Where the worker runs comes from TorchServe: on CUDA the GPU it assigned (``gpu_id``), on CPU
+an equal share of the cores for each of the model's ``maxWorkers`` unless ``num_threads`` or
+``OMP_NUM_THREADS`` is set.
 """
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ class HandlerSettings(BaseModel):
     default_max_tokens: int = Field(16, ge=1)          # when a request gives none
     lease_s: float = Field(3.0, gt=0)                  # abort a stream no call renewed this long
     step_wait_s: float = Field(0.02, gt=0)             # longest a handle() call waits for tokens
+    hold_wait_s: float = Field(0.02, gt=0)             # a call with only the hold request (keeper.py)
     metrics_interval_s: float = Field(0.5, gt=0)       # engine gauges at most this often
     # reliability (handlers/limits.py): beyond these a request is a 400 naming the field
     request_timeout_s: float = Field(300.0, gt=0)      # deadline from arrival; may be lowered
@@ -60,7 +65,20 @@ class HandlerSettings(BaseModel):
         if len(ggufs) == 1 and not (path / "config.json").exists():
             path = ggufs[0]     # a bundled GGUF file (build_archives.py --bundle)
         settings.model_path = str(path)
+        settings.place(context.model_yaml_config or {}, context.system_properties)
         return settings
+
+    def place(self, model_config: dict[str, Any], system_properties: dict[str, Any]) -> None:
+        """Pin this worker's engine to TorchServe's GPU for it, or to its share of the cores."""
+        extra = self.model_extra
+        device = str(extra.get("device", "cpu"))
+        gpu_id = system_properties.get("gpu_id")
+        if device == "cuda" and gpu_id is not None:     # cuda:N in the config wins
+            extra["device"] = f"cuda:{gpu_id}"
+        elif device == "cpu" and extra.get("num_threads") is None \
+                and "OMP_NUM_THREADS" not in os.environ:        # set by the operator: kept
+            workers = max(1, int(model_config.get("maxWorkers") or 1))
+            extra["num_threads"] = max(1, len(os.sched_getaffinity(0)) // workers)
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for ``LLMEngine(model_path, **engine_args)``."""

@@ -67,11 +67,23 @@ def point_config(text: str, checkpoint: Path) -> str:
     return text
 
 
+def set_keys(text: str, values: dict[str, object]) -> str:
+    """The model-config.yaml text with these top-level (TorchServe) keys set, comments kept."""
+    for key, value in values.items():
+        text, count = re.subn(rf"^{key}:[ \t]*[^#\s]+", f"{key}: {value}", text, count=1,
+                              flags=re.MULTILINE)
+        if count != 1:
+            text = f"{key}: {value}\n" + text
+    return text
+
+
 def build_archive(name: str, checkpoint: Path, out: Path, force: bool = False,
-                  bundle: bool = False) -> Path:
+                  bundle: bool = False, keys: dict[str, object] | None = None) -> Path:
+    """One .mar; ``keys`` overrides top-level keys of its model-config.yaml (e.g. workers)."""
     handler_file, _ = ARCHIVES[name]
     handler = ROOT / "handlers" / handler_file
-    config_text = (ROOT / "config" / f"{name}.model-config.yaml").read_text()
+    config_text = set_keys((ROOT / "config" / f"{name}.model-config.yaml").read_text(),
+                           keys or {})
     if not bundle:
         config_text = point_config(config_text, checkpoint)
     archive, stamp_file = out / f"{name}.mar", out / f".{name}.stamp.json"

@@ -10,6 +10,7 @@ file and key_file.json (token authorization is on by default; the keys are read 
     python scripts/serve.py                   # start with archives/ as they are
     python scripts/serve.py --stop            # drains the LLM first (see drain_workers)
     python scripts/serve.py --drain llm       # drain only, e.g. before scaling it to zero
+    python scripts/serve.py --scale llm=2     # workers via the management API (drains first)
 """
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ import time
 from dataclasses import dataclass
 
 import requests
+
+from handlers.keeper import KEY_FILE_ENV, URL_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / "logs" / "server"
@@ -86,6 +89,12 @@ def render_config(run_dir: Path, ports: dict[str, int], model_store: Path) -> Pa
     return path
 
 
+def frontend_env(url: str, key_file: Path | None) -> dict[str, str]:
+    """Where the LLM workers' keepers reach the frontend (handlers/keeper.py): TorchServe
+    passes its environment on to its workers."""
+    return {URL_ENV: url} | ({KEY_FILE_ENV: str(key_file)} if key_file else {})
+
+
 def read_keys(run_dir: Path) -> tuple[str | None, str | None]:
     """The keys from key_file.json; (None, None) until TorchServe has finished writing it."""
     try:
@@ -106,7 +115,9 @@ def start_server(model_store: Path, models: tuple[str, ...] = MODELS, run_dir: P
     ports = ports or dict(DEFAULT_PORTS)
     config = render_config(run_dir, ports, Path(model_store).resolve())
     env = dict(os.environ, LOG_LOCATION=str(run_dir / "logs"),
-               METRICS_LOCATION=str(run_dir / "logs"), TMPDIR=str(run_dir / "tmp"))
+               METRICS_LOCATION=str(run_dir / "logs"), TMPDIR=str(run_dir / "tmp"),
+               **frontend_env(f"http://127.0.0.1:{ports['inference']}",
+                              run_dir / "key_file.json" if token_auth else None))
     torchserve = Path(sys.executable).with_name("torchserve")
     cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start", "--ncs",
            "--model-store", str(Path(model_store).resolve()), "--ts-config", str(config),
@@ -176,45 +187,73 @@ def running_server(run_dir: Path) -> Server | None:
     return Server(Path(run_dir), ports, pid, *read_keys(Path(run_dir)))
 
 
-def worker_pids(server: Server, model: str) -> list[int]:
+def workers(server: Server, model: str) -> list[dict]:
+    """The model's workers as the management API describes them, in TorchServe's order."""
     reply = requests.get(f"{server.url('management')}/models/{model}",
                          headers=server.headers("management"), timeout=10)
-    return [w["pid"] for w in reply.json()[0]["workers"]] if reply.ok else []
+    return reply.json()[0]["workers"] if reply.ok else []
+
+
+def worker_pids(server: Server, model: str) -> list[int]:
+    return [w["pid"] for w in workers(server, model)]
 
 
 def drain_workers(server: Server, models: tuple[str, ...] = STREAMING_MODELS,
-                  timeout_s: float = 30) -> None:
-    """SIGTERM each worker of ``models`` and wait until none has a stream left.
+                  timeout_s: float = 30, pids: list[int] | None = None) -> None:
+    """SIGTERM each worker of ``models`` (or only ``pids``) and wait until none has a stream
+    left.
 
     TorchServe 0.12 gives a worker no warning before it closes the worker's socket and
     SIGKILLs it (scale-down, unregister, stop), so a stream in flight then is cut off. A worker
     of handlers/continuous_batching.py that gets SIGTERM ends every stream with a last chunk
     carrying an error, answers new requests with 503 and stops its engine; it stays up until
-    TorchServe stops or scales it.
+    TorchServe stops or scales it. The stats route answers from whichever worker takes the
+    request, with its PID: it is read until every drained worker has reported itself idle.
     """
+    pending: dict[int, str] = {}                 # drained PID: its model
     for model in models:
         try:
-            pids = worker_pids(server, model)
+            chosen = worker_pids(server, model) if pids is None else pids
         except (requests.RequestException, ValueError, KeyError, IndexError):
             continue
-        for pid in pids:
+        for pid in chosen:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
+            pending[pid] = model
     deadline = time.monotonic() + timeout_s
-    pending = list(models)
     while pending and time.monotonic() < deadline:
-        try:
-            reply = requests.get(f"{server.url()}/predictions/{pending[0]}/1.0/stats",
-                                 headers=server.headers(), timeout=10)
-            stats = reply.json() if reply.ok else {}
-        except (requests.RequestException, ValueError):
-            stats = {}                  # not served any more
-        if not stats or stats.get("draining") and stats.get("num_streams") == 0:
-            pending.pop(0)
-        else:
-            time.sleep(0.1)
+        for model in set(pending.values()):
+            try:
+                reply = requests.get(f"{server.url()}/predictions/{model}/1.0/stats",
+                                     headers=server.headers(), timeout=10)
+                stats = reply.json() if reply.ok else {}
+            except (requests.RequestException, ValueError):
+                stats = {}
+            if not stats:               # not served any more
+                pending = {pid: m for pid, m in pending.items() if m != model}
+            elif stats.get("draining") and stats.get("num_streams") == 0:
+                pending.pop(stats.get("pid"), None)
+        pending = {pid: m for pid, m in pending.items() if _alive(pid)}
+        time.sleep(0.05)
+
+
+def scale_workers(server: Server, model: str, count: int, drain: bool = True,
+                  timeout_s: float = 240) -> None:
+    """Scale ``model`` to ``count`` workers through the management API. On scale-down
+    TorchServe 0.12 stops the last workers of its list (``WorkLoadManager.modelChanged``);
+    with ``drain`` those are drained first, so their streams end with an error chunk instead
+    of being cut or dropped."""
+    current = worker_pids(server, model)
+    if drain and count < len(current):
+        drain_workers(server, (model,), pids=current[count:])
+    reply = requests.put(f"{server.url('management')}/models/{model}?min_worker={count}"
+                         f"&max_worker={count}&synchronous=true",
+                         headers=server.headers("management"), timeout=timeout_s)
+    if reply.status_code != 200:
+        raise RuntimeError(f"scaling {model} to {count} workers: {reply.status_code} "
+                           f"{reply.text[:200]}")
 
 
 def stop_server(run_dir: Path = RUN_DIR, timeout_s: float = 60,
@@ -270,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop", action="store_true", help="stop the running server")
     parser.add_argument("--drain", default=None, metavar="MODELS",
                         help="drain these streaming models' workers (comma-separated) and exit")
+    parser.add_argument("--scale", default=None, metavar="MODEL=N",
+                        help="scale a model of the running server to N workers and exit")
+    parser.add_argument("--no-drain", action="store_true",
+                        help="with --scale: stop workers without draining them first")
     parser.add_argument("--demo", action="store_true",
                         help="build models and archives if needed, start, stream a sample")
     parser.add_argument("--size", choices=["tiny", "default"], default="default",
@@ -286,6 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stop:
         print("stopped" if stop_server(args.run_dir) else "no server running")
+        return
+    if args.scale:
+        server = running_server(args.run_dir)
+        if server is None:
+            raise SystemExit("no server running")
+        model, count = args.scale.split("=")
+        scale_workers(server, model, int(count), drain=not args.no_drain)
+        print(f"{model}: workers {worker_pids(server, model)}")
         return
     if args.drain:
         server = running_server(args.run_dir)

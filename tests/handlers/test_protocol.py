@@ -1,5 +1,6 @@
 """Request parsing and response framing, without a server."""
 import json
+import os
 import math
 from types import SimpleNamespace
 
@@ -118,3 +119,28 @@ def test_settings_resolve_model_path(tmp_path):
     ctx.model_yaml_config["handler"]["max_num_sqs"] = 8
     with pytest.raises(ValueError, match="max_num_sqs"):
         HandlerSettings.from_context(ctx)
+
+
+def test_settings_place_each_worker(tmp_path, monkeypatch):
+    """CPU: the cores split over maxWorkers unless num_threads or OMP_NUM_THREADS is set;
+    CUDA: the gpu_id TorchServe assigned the worker, unless the config names a device index."""
+    (tmp_path / "checkpoint").mkdir()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+
+    def placed(handler: dict, workers: int | None = None, gpu_id: int | None = None) -> dict:
+        config = {"handler": {"model_path": "checkpoint"} | handler}
+        if workers is not None:
+            config["maxWorkers"] = workers
+        props = {"model_dir": str(tmp_path)} | ({"gpu_id": gpu_id} if gpu_id is not None else {})
+        ctx = SimpleNamespace(model_yaml_config=config, system_properties=props)
+        return HandlerSettings.from_context(ctx).engine_args()
+
+    assert placed({})["num_threads"] == cores
+    assert placed({}, workers=2)["num_threads"] == max(1, cores // 2)
+    assert placed({}, workers=4 * cores)["num_threads"] == 1
+    assert placed({"num_threads": 3}, workers=2)["num_threads"] == 3
+    assert placed({"device": "cuda"}, workers=2, gpu_id=1) == {"device": "cuda:1"}
+    assert placed({"device": "cuda:0"}, gpu_id=1) == {"device": "cuda:0"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "num_threads" not in placed({}, workers=2)

@@ -321,3 +321,22 @@ def test_stream_of_a_previous_worker_ends_with_an_error_chunk(handler):
         assert reply.lines() == [{"finish_reason": "error", "error": ORPHAN_MESSAGE}]
     assert ORPHAN_MESSAGE in sse.text and sse.text.endswith("data: [DONE]\n\n")
     assert new.lines()[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_hold_request_stays_open_without_bytes_one_per_worker(handler):
+    """The keeper's hold (handlers/keeper.py): the first stays open with "" and criterion
+    False beside real streams, a second is answered at once, and once the first is gone
+    (its client left: missing from a call) the next one is held."""
+    fe = Frontend(handler)
+    hold = fe.send("hold-1", {"pid": 1}, path="hold")
+    extra = fe.send("hold-2", {"pid": 2}, path="/hold")
+    stream = fe.send("s", {"prompt": "hi", "max_tokens": 5, "stream": True})
+    fe.run(until=lambda: stream.done)
+    assert stream.lines()[-1]["finish_reason"] == "length"
+    assert hold.status == 200 and not hold.done and set(hold.chunks) == {""}
+    assert extra.done and json.loads(extra.text)["held"] is False
+    del fe.replies["hold-1"]
+    again = fe.send("hold-3", {"pid": 3}, path="hold")
+    fe.call()
+    fe.call()
+    assert handler.hold == "hold-3" and not again.done and set(again.chunks) == {""}
