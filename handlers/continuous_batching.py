@@ -151,7 +151,8 @@ class ContinuousBatchingHandler(BaseHandler):
                 return json.dumps(self._info(parsed))
             if self.loop.stopping:
                 raise RequestError(DRAIN_MESSAGE, status=503)
-            self.loop.submit(rid, parsed.prompt, parsed.params, enforce(parsed, self.settings))
+            deadline = enforce(parsed, self.settings, self.loop.engine.tokenizer)
+            self.loop.submit(rid, parsed.prompts, parsed.params, deadline)
         except RequestError as err:
             return self._error(idx, err, context)
         except ValueError as exc:       # the engine refused it: too long, out of vocab, ...
@@ -165,7 +166,7 @@ class ContinuousBatchingHandler(BaseHandler):
                                                  status=500), context)
         self.framers[rid] = Framer(parsed.api, parsed.stream, parsed.include_usage, rid,
                                    self.model_name, parsed.params, parsed.echo,
-                                   parsed.echo_first_token)
+                                   parsed.echo_first_token, len(parsed.prompts))
         return None
 
     def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None] | None:

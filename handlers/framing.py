@@ -5,11 +5,12 @@ finish_reason and usage); the OpenAI routes stream ``data: {...}`` server-sent e
 with ``data: [DONE]``. Non-streaming requests get one JSON object. This file never decides
 when to send; it only renders.
 
-A request with ``n`` > 1 renders each choice by its ``index``: OpenAI chunks carry it in
-``choices[0].index`` and end each choice with its own finish chunk; native lines carry
+A request with ``n`` > 1 or several prompts (completions) renders each choice by its
+``index``, prompt-major (choice ``j`` of prompt ``p`` is ``p * n + j``): OpenAI chunks carry
+it in ``choices[0].index`` and end each choice with its own finish chunk; native lines carry
 ``index`` and the choice's ``finish_reason``; whole replies list every choice. Logprobs are
 rendered by handlers/logprobs_json.py in each API's shape; an echoed prompt (completions)
-comes first in each choice's text and logprobs.
+comes first in each of its choices' text and logprobs.
 """
 import json
 import time
@@ -36,21 +37,22 @@ class Framer:
     """Renders one request's responses; ``api`` is generate, completions or chat."""
 
     def __init__(self, api: str, stream: bool, include_usage: bool, request_id: str,
-                 model_name: str, params: Any = None, echo: str | None = None,
-                 echo_first_token: str = "") -> None:
+                 model_name: str, params: Any = None, echo: list[str] | None = None,
+                 echo_first_token: list[str] | None = None, num_prompts: int = 1) -> None:
         self.api, self.stream, self.include_usage = api, stream, include_usage
         self.model_name = model_name
         self.created = int(time.time())
         prefix = "chatcmpl" if api == "chat" else "cmpl"
         self.id = f"{prefix}-{request_id}"
-        self.n = params.n if params is not None else 1
+        self.n = params.n if params is not None else 1          # choices per prompt
+        self.num_choices = self.n * num_prompts
         self.logprobs = params is not None and params.logprobs is not None
         self.prompt_logprobs = params is not None and params.prompt_logprobs is not None
-        self.echo, self.echo_first_token = echo, echo_first_token
+        self.echo, self.echo_first_token = echo, echo_first_token or []
         self._started: set[int] = set()        # choices whose first chunk went out
         self._ended: set[int] = set()          # choices whose finish chunk went out
         self._offsets: dict[int, logprobs_json.CompletionLogprobs] = {}
-        self._prompt: list[Any] | None = None  # prompt logprobs, once they arrived
+        self._prompt: dict[int, list[Any]] = {}    # each prompt's logprobs, once they arrived
 
     @property
     def content_type(self) -> str:
@@ -64,8 +66,7 @@ class Framer:
             return self._ndjson(outputs, stream)
         parts, ended = [], {}
         for out in outputs:
-            if out.prompt_logprobs is not None:
-                self._prompt = out.prompt_logprobs
+            self._keep_prompt_logprobs(out)
             if out.text or out.token_ids or (self.echo is not None
                                              and out.index not in self._started):
                 parts.append(self._sse(self._openai_delta(out.index, out.text, None,
@@ -76,7 +77,7 @@ class Framer:
             if stream.error:
                 parts.append(self._sse({"error": {"message": stream.error, "type": "server_error",
                                                   "param": None, "code": 500}}))
-            for i in range(self.n):
+            for i in range(self.num_choices):
                 if i not in self._ended:
                     ended.setdefault(i, stream.finish_reason)
         for i, reason in ended.items():
@@ -102,8 +103,8 @@ class Framer:
             else:
                 body = {"outputs": [self._native_choice(i, c) for i, c in choices.items()],
                         "finish_reason": stream.finish_reason} | body
-            if self.prompt_logprobs and self._prompt is not None:
-                body["prompt_logprobs"] = logprobs_json.native(self._prompt)
+            if self.prompt_logprobs and 0 in self._prompt:
+                body["prompt_logprobs"] = logprobs_json.native(self._prompt[0])
             if stream.error:
                 body["error"] = stream.error
             return json.dumps(body)
@@ -115,7 +116,7 @@ class Framer:
             if self.api == "chat":
                 choice["message"] = {"role": "assistant", "content": c["text"]}
             else:
-                choice["text"] = (self.echo or "") + c["text"]
+                choice["text"] = self._echoed(i) + c["text"]
             rendered.append(choice)
         return json.dumps(self._openai_head("whole") | {"choices": rendered,
                                                          "usage": usage(stream)})
@@ -123,10 +124,9 @@ class Framer:
     def _gather(self, stream: Any) -> dict[int, dict[str, Any]]:
         """Each choice's whole text, ids, logprobs and finish reason from the stream's deltas."""
         choices = {i: {"text": "", "token_ids": [], "logprobs": [], "finish_reason": None}
-                   for i in range(self.n)}
+                   for i in range(self.num_choices)}
         for out in stream.history:
-            if out.prompt_logprobs is not None:
-                self._prompt = out.prompt_logprobs
+            self._keep_prompt_logprobs(out)
             c = choices[out.index]
             c["text"] += out.text
             c["token_ids"] += list(out.token_ids)
@@ -150,8 +150,18 @@ class Framer:
         first = index not in self._offsets
         offsets = self._offsets.setdefault(index, logprobs_json.CompletionLogprobs())
         if first and self.echo is not None:
-            return offsets.render((self._prompt or []) + positions, self.echo_first_token)
+            prompt = index // self.n
+            return offsets.render(self._prompt.get(prompt, []) + positions,
+                                  self.echo_first_token[prompt])
         return offsets.render(positions)
+
+    def _keep_prompt_logprobs(self, out: Any) -> None:
+        if out.prompt_logprobs is not None:
+            self._prompt[out.index // self.n] = out.prompt_logprobs
+
+    def _echoed(self, index: int) -> str:
+        """The echoed prompt text that starts choice ``index`` ("" without echo)."""
+        return "" if self.echo is None else self.echo[index // self.n]
 
     def _ndjson(self, outputs: list[Any], stream: Any) -> str:
         lines = []
@@ -196,7 +206,7 @@ class Framer:
                 delta["role"] = "assistant"
             choice["delta"] = delta
         else:
-            choice["text"] = (self.echo or "") + text if first else text
+            choice["text"] = self._echoed(index) + text if first else text
         return self._openai_head("chunk") | {"choices": [choice]}
 
     @staticmethod

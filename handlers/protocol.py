@@ -7,7 +7,7 @@ violation is a 400 whose message names the field. Nothing here touches the engin
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
@@ -20,6 +20,8 @@ from engine.structured_output_params import StructuredOutputsParams
 Api = Literal["generate", "completions", "chat", "models", "stats"]
 ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completions": "completions",
                           "v1/chat/completions": "chat", "v1/models": "models", "stats": "stats"}
+PROMPT_SHAPES = ("must be a non-empty string or list of token ids (completions: also a list of "
+                 "them)")
 _TYPE_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
 OPENAI_IGNORED = ("model", "user", "stream_options", "max_completion_tokens", "messages",
                   "prompt", "stream")
@@ -38,16 +40,19 @@ class RequestError(Exception):
         self.message, self.param, self.status = message, param, status
 
 
+Prompt = str | list[int]
+
+
 @dataclass
 class ParsedRequest:
     api: Api
-    prompt: str | list[int] | None = None
+    prompts: list[Prompt] = field(default_factory=list)   # completions may carry many
     params: SamplingParams | None = None
     stream: bool = False
     include_usage: bool = False
     request_timeout_s: Any = None     # the request's own deadline; handlers/limits.py checks it
-    echo: str | None = None                 # completions with echo: the prompt's text
-    echo_first_token: str = ""              # its first token's text (logprobs has None there)
+    echo: list[str] | None = None          # completions with echo: each prompt's text
+    echo_first_token: list[str] = field(default_factory=list)   # and its first token's
 
 
 class GenerateBody(BaseModel):
@@ -74,7 +79,7 @@ class ClassifyBody(BaseModel):
 
 class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="allow")
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     stream: StrictBool = False
     n: StrictInt = Field(1, ge=1)
     best_of: StrictInt | None = Field(None, ge=1)
@@ -119,7 +124,7 @@ def field_error(exc: ValidationError) -> RequestError:
             parts, loc = [named.group(1)], named.group(1)
             message = message[len(loc):].lstrip(": ")
     if parts[:1] == ["prompt"]:
-        message = "must be a non-empty string or a list of integer token ids"
+        loc, message = "prompt", PROMPT_SHAPES
     if err.get("type") == "extra_forbidden":
         message = "unknown field"
     return RequestError(f"{loc}: {message}" if loc else message, param=loc or None)
@@ -192,7 +197,7 @@ def openai_choices(api: Api, parsed: BaseModel, extra: dict[str, Any]) -> None:
         extra["prompt_logprobs"] = parsed.logprobs or 0
 
 
-def echo_texts(tokenizer: Any, prompt: str | list[int]) -> tuple[str, str]:
+def echo_texts(tokenizer: Any, prompt: Prompt) -> tuple[str, str]:
     """The echoed prompt's text and the text of its first token."""
     ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
     text = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)
@@ -213,24 +218,22 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
     try:
         if api == "generate":
             parsed = GenerateBody.model_validate(body)
-            extra, prompt = dict(parsed.model_extra or {}), parsed.prompt
+            extra, prompts = dict(parsed.model_extra or {}), [parsed.prompt]
         elif api == "completions":
             parsed = CompletionBody.model_validate(body)
-            extra, prompt = dict(parsed.model_extra or {}), parsed.prompt
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-                if len(prompt) != 1:
-                    raise RequestError("prompt: only one prompt per request", param="prompt")
-                prompt = prompt[0]
+            extra, prompts = dict(parsed.model_extra or {}), completion_prompts(parsed.prompt)
         else:
             parsed = ChatBody.model_validate(body)
             extra = dict(parsed.model_extra or {})
             if parsed.max_completion_tokens is not None:
                 extra["max_tokens"] = parsed.max_completion_tokens
-            prompt = chat_prompt(tokenizer, parsed.messages)
+            prompts = [chat_prompt(tokenizer, parsed.messages)]
     except ValidationError as exc:
         raise field_error(exc) from exc
-    if not prompt:
-        raise RequestError("prompt: must not be empty", param="prompt")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+            raise RequestError(f"{where}: must not be empty", param="prompt")
     for key in OPENAI_IGNORED if api != "generate" else ():
         extra.pop(key, None)
     if api != "generate" and "response_format" in extra:
@@ -252,10 +255,19 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
         raise RequestError("best_of: must equal n when streaming (the best choices are known "
                            "only at the end)", param="best_of")
     options = getattr(parsed, "stream_options", None) or {}
-    echo, first = echo_texts(tokenizer, prompt) if getattr(parsed, "echo", False) else (None, "")
-    return ParsedRequest(api=api, prompt=prompt, params=params, stream=parsed.stream,
+    echo, first = None, []
+    if getattr(parsed, "echo", False):
+        echo, first = map(list, zip(*(echo_texts(tokenizer, p) for p in prompts)))
+    return ParsedRequest(api=api, prompts=prompts, params=params, stream=parsed.stream,
                          include_usage=bool(options.get("include_usage")),
                          request_timeout_s=timeout_s, echo=echo, echo_first_token=first)
+
+
+def completion_prompts(prompt: Prompt | list[str] | list[list[int]]) -> list[Prompt]:
+    """The prompts of a completions body: a list of strings or of token-id lists is many."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return list(prompt)
+    return [prompt]
 
 
 def response_format(value: Any, structured_outputs: Any) -> Any:
