@@ -166,7 +166,7 @@ class ContinuousBatchingHandler(BaseHandler):
                                                  status=500), context)
         self.framers[rid] = Framer(parsed.api, parsed.stream, parsed.include_usage, rid,
                                    self.model_name, parsed.params, parsed.echo,
-                                   parsed.echo_first_token, len(parsed.prompts))
+                                   parsed.echo_first_token, len(parsed.prompts), parsed.tools)
         return None
 
     def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None] | None:

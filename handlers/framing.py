@@ -18,6 +18,7 @@ from typing import Any
 
 from handlers import logprobs_json
 from handlers.protocol import RequestError
+from handlers.tool_calls import ToolCallStream, Tools
 
 OPENAI_FINISH = {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}
 
@@ -38,7 +39,8 @@ class Framer:
 
     def __init__(self, api: str, stream: bool, include_usage: bool, request_id: str,
                  model_name: str, params: Any = None, echo: list[str] | None = None,
-                 echo_first_token: list[str] | None = None, num_prompts: int = 1) -> None:
+                 echo_first_token: list[str] | None = None, num_prompts: int = 1,
+                 tools: Tools | None = None) -> None:
         self.api, self.stream, self.include_usage = api, stream, include_usage
         self.model_name = model_name
         self.created = int(time.time())
@@ -53,6 +55,8 @@ class Framer:
         self._ended: set[int] = set()          # choices whose finish chunk went out
         self._offsets: dict[int, logprobs_json.CompletionLogprobs] = {}
         self._prompt: dict[int, list[Any]] = {}    # each prompt's logprobs, once they arrived
+        self.tools = tools
+        self._calls: dict[int, ToolCallStream] = {}    # streamed choices' tool-call state
 
     @property
     def content_type(self) -> str:
@@ -67,10 +71,12 @@ class Framer:
         parts, ended = [], {}
         for out in outputs:
             self._keep_prompt_logprobs(out)
-            if out.text or out.token_ids or (self.echo is not None
-                                             and out.index not in self._started):
-                parts.append(self._sse(self._openai_delta(out.index, out.text, None,
-                                                          out.logprobs or [])))
+            text, calls = self._tool_stream(out.index).feed(out.text) if self.tools \
+                else (out.text, [])
+            if text or out.token_ids or calls or (self.echo is not None
+                                                  and out.index not in self._started):
+                parts.append(self._sse(self._openai_delta(out.index, text, None,
+                                                          out.logprobs or [], calls)))
             if out.finish_reason is not None:
                 ended[out.index] = out.finish_reason
         if stream.finished:
@@ -81,7 +87,14 @@ class Framer:
                 if i not in self._ended:
                     ended.setdefault(i, stream.finish_reason)
         for i, reason in ended.items():
-            parts.append(self._sse(self._openai_delta(i, "", OPENAI_FINISH[reason], [])))
+            finish = OPENAI_FINISH[reason]
+            if self.tools is not None:
+                calls = self._tool_stream(i)
+                text, deltas = calls.finish()
+                if text or deltas:
+                    parts.append(self._sse(self._openai_delta(i, text, None, [], deltas)))
+                finish = "tool_calls" if calls.num_calls and reason == "stop" else finish
+            parts.append(self._sse(self._openai_delta(i, "", finish, [])))
             self._ended.add(i)
         if stream.finished:
             if self.include_usage:
@@ -115,6 +128,12 @@ class Framer:
                                       "logprobs": self._openai_logprobs(i, c["logprobs"])}
             if self.api == "chat":
                 choice["message"] = {"role": "assistant", "content": c["text"]}
+                content, calls = self.tools.parse(c["text"]) if self.tools else (c["text"], [])
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content,
+                                         "tool_calls": calls}
+                    if choice["finish_reason"] == "stop":
+                        choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = self._echoed(i) + c["text"]
             rendered.append(choice)
@@ -155,6 +174,9 @@ class Framer:
                                   self.echo_first_token[prompt])
         return offsets.render(positions)
 
+    def _tool_stream(self, index: int) -> ToolCallStream:
+        return self._calls.setdefault(index, ToolCallStream(self.tools))
+
     def _keep_prompt_logprobs(self, out: Any) -> None:
         if out.prompt_logprobs is not None:
             self._prompt[out.index // self.n] = out.prompt_logprobs
@@ -194,14 +216,19 @@ class Framer:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name}
 
     def _openai_delta(self, index: int, text: str, finish_reason: str | None,
-                      positions: list[Any]) -> dict[str, Any]:
+                      positions: list[Any],
+                      tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         first = index not in self._started
         self._started.add(index)
         logprobs = self._openai_logprobs(index, positions) if finish_reason is None else None
         choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                                   "logprobs": logprobs}
         if self.api == "chat":
-            delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
+            delta: dict[str, Any] = {}
+            if text or (finish_reason is None and not tool_calls):
+                delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             if first:
                 delta["role"] = "assistant"
             choice["delta"] = delta

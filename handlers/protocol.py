@@ -16,6 +16,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
 from engine import SamplingParams
 from engine.logprobs import MAX_LOGPROBS
 from engine.structured_output_params import StructuredOutputsParams
+from handlers.tool_calls import (ToolError, Tools, hermes_turns, history_turn, parse_tools,
+                                 renders_tools)
 
 Api = Literal["generate", "completions", "chat", "models", "stats"]
 ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completions": "completions",
@@ -27,7 +29,7 @@ OPENAI_IGNORED = ("model", "user", "stream_options", "max_completion_tokens", "m
                   "prompt", "stream")
 # OpenAI options we do not implement: refused (400) unless left at their no-op values. A route
 # that implements one declares it as a field of its body (so it never reaches this check):
-# completions take echo, logprobs, best_of; chat takes logprobs, top_logprobs.
+# completions take echo, logprobs, best_of; chat takes logprobs, top_logprobs and the tools.
 OPENAI_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "logit_bias", "suffix", "best_of",
                       "tools", "tool_choice", "parallel_tool_calls")
 
@@ -53,6 +55,7 @@ class ParsedRequest:
     request_timeout_s: Any = None     # the request's own deadline; handlers/limits.py checks it
     echo: list[str] | None = None          # completions with echo: each prompt's text
     echo_first_token: list[str] = field(default_factory=list)   # and its first token's
+    tools: Tools | None = None             # chat with tools (handlers/tool_calls.py)
 
 
 class GenerateBody(BaseModel):
@@ -90,13 +93,21 @@ class CompletionBody(BaseModel):
 
 class ChatMessage(BaseModel):
     role: StrictStr
-    content: StrictStr | list[dict[str, Any]]
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None      # an assistant turn's calls
+    tool_call_id: StrictStr | None = None               # a tool turn's answer to one
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(str(part.get("text", "")) for part in self.content
                        if part.get("type") == "text")
+
+    def turn(self) -> dict[str, Any]:
+        extra = {k: v for k in ("name", "tool_calls", "tool_call_id")
+                 if (v := getattr(self, k)) is not None}
+        return {"role": self.role, "content": self.text()} | extra
 
 
 class ChatBody(BaseModel):
@@ -108,6 +119,9 @@ class ChatBody(BaseModel):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = None
     stream_options: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 def field_error(exc: ValidationError) -> RequestError:
@@ -168,10 +182,17 @@ def sampling_params(fields: dict[str, Any], default_max_tokens: int,
     return params
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
-    """The tokenizer's chat template; a plain "role: text" layout if it has none."""
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage], tools: Tools | None = None) -> str:
+    """The tokenizer's chat template; a plain "role: text" layout if it has none. Tools, tool
+    calls and tool results go to a template that renders tools, else are written out in the
+    hermes format (handlers/tool_calls.py)."""
+    turns = [history_turn(m.turn(), f"messages[{i}]") for i, m in enumerate(messages)]
+    template = getattr(tokenizer, "chat_template", None)
+    if template and renders_tools(tokenizer):
+        return tokenizer.apply_chat_template(turns, tools=tools and tools.template_tools(),
+                                             tokenize=False, add_generation_prompt=True)
+    turns = hermes_turns(turns, tools)
+    if template:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
 
@@ -215,6 +236,7 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
     if api in ("models", "stats"):
         return ParsedRequest(api=api)
     body = decode_body(request)
+    tools = None
     try:
         if api == "generate":
             parsed = GenerateBody.model_validate(body)
@@ -227,9 +249,12 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
             extra = dict(parsed.model_extra or {})
             if parsed.max_completion_tokens is not None:
                 extra["max_tokens"] = parsed.max_completion_tokens
-            prompts = [chat_prompt(tokenizer, parsed.messages)]
+            tools = parse_tools(parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
+            prompts = [chat_prompt(tokenizer, parsed.messages, tools)]
     except ValidationError as exc:
         raise field_error(exc) from exc
+    except ToolError as exc:
+        raise RequestError(str(exc), param=exc.param) from exc
     for i, prompt in enumerate(prompts):
         if not prompt:
             where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
@@ -239,6 +264,12 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
     if api != "generate" and "response_format" in extra:
         extra["structured_outputs"] = response_format(extra.pop("response_format"),
                                                       extra.get("structured_outputs"))
+    if tools is not None and (forced := tools.constraint()) is not None:
+        if extra.get("structured_outputs") is not None:
+            raise RequestError("tool_choice: a required or named tool call fixes the output's "
+                               "format; drop response_format / structured_outputs",
+                               param="tool_choice")
+        extra["structured_outputs"] = forced
     for key in OPENAI_UNSUPPORTED if api != "generate" else ():
         value = extra.pop(key, None)
         if value not in (None, False, {}, []) and not (key == "best_of" and value == 1):
@@ -260,7 +291,8 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
         echo, first = map(list, zip(*(echo_texts(tokenizer, p) for p in prompts)))
     return ParsedRequest(api=api, prompts=prompts, params=params, stream=parsed.stream,
                          include_usage=bool(options.get("include_usage")),
-                         request_timeout_s=timeout_s, echo=echo, echo_first_token=first)
+                         request_timeout_s=timeout_s, echo=echo, echo_first_token=first,
+                         tools=tools)
 
 
 def completion_prompts(prompt: Prompt | list[str] | list[list[int]]) -> list[Prompt]:

@@ -67,8 +67,7 @@ def test_native_and_openai_bodies():
      "echo"),
     ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 3},
      "best_of"),
-    ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                             "tools": [{"type": "function"}]}, "tools"),
+    ("v1/completions", {"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
 ])
 def test_unsupported_openai_options_are_refused_not_ignored(path, body, field):
     with pytest.raises(RequestError) as err:
