@@ -62,6 +62,10 @@ class LLMEngine:
         own ``n`` choices; raises ValueError if it is malformed or can never fit."""
         params = params or SamplingParams()
         prompts = _prompts(prompt)
+        vocab = self.runner.model.spec.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is not in the "
+                             f"vocabulary [0, {vocab})")
         if params.num_children > self.config.max_num_seqs:
             raise ValueError(f"n/best_of ({params.num_children}) exceeds max_num_seqs "
                              f"({self.config.max_num_seqs}): its choices run side by side")

@@ -49,7 +49,7 @@ from engine import LLMEngine
 from handlers.engine_loop import EngineLoop, Stopping
 from handlers.framing import Framer, error_body
 from handlers.limits import enforce
-from handlers.protocol import ParsedRequest, RequestError, parse_request
+from handlers.protocol import ANSWERED_AT_ONCE, ParsedRequest, RequestError, parse_request
 from handlers.settings import HandlerSettings
 from handlers.stream_metrics import StreamMetrics
 
@@ -146,7 +146,7 @@ class ContinuousBatchingHandler(BaseHandler):
                                    self.settings.default_max_tokens,
                                    self.settings.max_tokens_limit,
                                    self.loop.engine.config.max_num_seqs)
-            if parsed.api in ("models", "stats"):
+            if parsed.api in ANSWERED_AT_ONCE:
                 context.set_response_content_type(idx, "application/json")
                 return json.dumps(self._info(parsed))
             if self.loop.stopping:
@@ -241,8 +241,14 @@ class ContinuousBatchingHandler(BaseHandler):
         return error_body(err)
 
     def _info(self, parsed: ParsedRequest) -> dict[str, Any]:
+        max_model_len = self.loop.engine.max_model_len
         if parsed.api == "stats":
             return self.loop.stats() | {"draining": self.loop.stopping}
+        if parsed.api == "tokenize":
+            return parsed.reply | {"max_model_len": max_model_len}
+        if parsed.api == "detokenize":
+            return parsed.reply
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": int(time.time()),
-                                            "owned_by": "torchserve-llm"}]}
+                                            "owned_by": "torchserve-llm",
+                                            "max_model_len": max_model_len}]}

@@ -19,9 +19,11 @@ from engine.structured_output_params import StructuredOutputsParams
 from handlers.tool_calls import (ToolError, Tools, hermes_turns, history_turn, parse_tools,
                                  renders_tools)
 
-Api = Literal["generate", "completions", "chat", "models", "stats"]
+Api = Literal["generate", "completions", "chat", "models", "stats", "tokenize", "detokenize"]
 ROUTES: dict[str, Api] = {"": "generate", "generate": "generate", "v1/completions": "completions",
-                          "v1/chat/completions": "chat", "v1/models": "models", "stats": "stats"}
+                          "v1/chat/completions": "chat", "v1/models": "models", "stats": "stats",
+                          "tokenize": "tokenize", "detokenize": "detokenize"}
+ANSWERED_AT_ONCE = ("models", "stats", "tokenize", "detokenize")    # never reach the engine
 PROMPT_SHAPES = ("must be a non-empty string or list of token ids (completions: also a list of "
                  "them)")
 _TYPE_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
@@ -30,7 +32,7 @@ OPENAI_IGNORED = ("model", "user", "stream_options", "max_completion_tokens", "m
 # OpenAI options we do not implement: refused (400) unless left at their no-op values. A route
 # that implements one declares it as a field of its body (so it never reaches this check):
 # completions take echo, logprobs, best_of; chat takes logprobs, top_logprobs and the tools.
-OPENAI_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "logit_bias", "suffix", "best_of",
+OPENAI_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "best_of",
                       "tools", "tool_choice", "parallel_tool_calls")
 
 
@@ -56,6 +58,7 @@ class ParsedRequest:
     echo: list[str] | None = None          # completions with echo: each prompt's text
     echo_first_token: list[str] = field(default_factory=list)   # and its first token's
     tools: Tools | None = None             # chat with tools (handlers/tool_calls.py)
+    reply: dict[str, Any] | None = None    # tokenize / detokenize: the answer's body
 
 
 class GenerateBody(BaseModel):
@@ -122,6 +125,23 @@ class ChatBody(BaseModel):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as the chat route does."""
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Any] | None = None
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
 
 
 def field_error(exc: ValidationError) -> RequestError:
@@ -232,10 +252,13 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
     api = ROUTES.get(url_path.strip("/"))
     if api is None:
         raise RequestError(f"unknown route {url_path!r}; use /v1/completions, "
-                           f"/v1/chat/completions, /v1/models or no extra path", status=404)
+                           f"/v1/chat/completions, /v1/models, /tokenize, /detokenize or no "
+                           f"extra path", status=404)
     if api in ("models", "stats"):
         return ParsedRequest(api=api)
     body = decode_body(request)
+    if api in ("tokenize", "detokenize"):
+        return ParsedRequest(api=api, reply=tokenizer_reply(api, body, tokenizer))
     tools = None
     try:
         if api == "generate":
@@ -293,6 +316,32 @@ def parse_request(request: dict[str, Any], url_path: str, tokenizer: Any,
                          include_usage=bool(options.get("include_usage")),
                          request_timeout_s=timeout_s, echo=echo, echo_first_token=first,
                          tools=tools)
+
+
+def tokenizer_reply(api: Api, body: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """The body of a /tokenize or /detokenize answer (vLLM's shapes, less max_model_len)."""
+    try:
+        if api == "detokenize":
+            ids = DetokenizeBody.model_validate(body).tokens
+            bad = [t for t in ids if not 0 <= t < len(tokenizer)]
+            if bad:
+                raise RequestError(f"tokens: ids must be in [0, {len(tokenizer)}); got {bad[:3]}",
+                                   param="tokens")
+            return {"prompt": tokenizer.decode(ids)}
+        parsed = TokenizeBody.model_validate(body)
+        if (parsed.prompt is None) == (parsed.messages is None):
+            raise RequestError("prompt: give prompt or messages", param="prompt")
+        text = parsed.prompt
+        if parsed.messages is not None:
+            tools = parse_tools(parsed.tools, None, None)
+            text = chat_prompt(tokenizer, parsed.messages, tools)
+    except ValidationError as exc:
+        raise field_error(exc) from exc
+    except ToolError as exc:
+        raise RequestError(str(exc), param=exc.param) from exc
+    ids = tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
+    strs = tokenizer.convert_ids_to_tokens(ids) if parsed.return_token_strs else None
+    return {"count": len(ids), "tokens": ids, "token_strs": strs}
 
 
 def completion_prompts(prompt: Prompt | list[str] | list[list[int]]) -> list[Prompt]:
