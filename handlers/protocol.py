@@ -134,7 +134,7 @@ class TokenizeBody(BaseModel):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     tools: list[Any] | None = None
-    add_special_tokens: StrictBool = True
+    add_special_tokens: StrictBool | None = None     # default: what the serving routes do
     return_token_strs: StrictBool = False
 
 
@@ -202,7 +202,17 @@ def sampling_params(fields: dict[str, Any], default_max_tokens: int,
     return params
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage], tools: Tools | None = None) -> str:
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage], tools: Tools | None = None) -> Prompt:
+    """The chat route's prompt: a template's text as token ids, none added (its special tokens
+    are in the text, as transformers' ``apply_chat_template(tokenize=True)`` has it); the
+    plain layout as text (tokenized as any text prompt)."""
+    text = chat_text(tokenizer, messages, tools)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return text
+
+
+def chat_text(tokenizer: Any, messages: list[ChatMessage], tools: Tools | None = None) -> str:
     """The tokenizer's chat template; a plain "role: text" layout if it has none. Tools, tool
     calls and tool results go to a template that renders tools, else are written out in the
     hermes format (handlers/tool_calls.py)."""
@@ -331,15 +341,17 @@ def tokenizer_reply(api: Api, body: dict[str, Any], tokenizer: Any) -> dict[str,
         parsed = TokenizeBody.model_validate(body)
         if (parsed.prompt is None) == (parsed.messages is None):
             raise RequestError("prompt: give prompt or messages", param="prompt")
-        text = parsed.prompt
+        text, templated = parsed.prompt, False
         if parsed.messages is not None:
             tools = parse_tools(parsed.tools, None, None)
-            text = chat_prompt(tokenizer, parsed.messages, tools)
+            text = chat_text(tokenizer, parsed.messages, tools)
+            templated = bool(getattr(tokenizer, "chat_template", None))
     except ValidationError as exc:
         raise field_error(exc) from exc
     except ToolError as exc:
         raise RequestError(str(exc), param=exc.param) from exc
-    ids = tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
+    special = not templated if parsed.add_special_tokens is None else parsed.add_special_tokens
+    ids = tokenizer.encode(text, add_special_tokens=special)
     strs = tokenizer.convert_ids_to_tokens(ids) if parsed.return_token_strs else None
     return {"count": len(ids), "tokens": ids, "token_strs": strs}
 

@@ -193,8 +193,8 @@ def test_completions_n_stream_with_logprobs(server, client, offline_engine):
 
 def test_chat_n_stream_with_top_logprobs(server, client, offline_engine):
     messages = [{"role": "user", "content": "Say something"}]
-    prompt = offline_engine.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=True)
+    prompt = offline_engine.tokenizer.encode(offline_engine.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
     want = offline_engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, n=2,
                                                             logprobs=3), use_tqdm=False)
     chunks = list(client.chat.completions.create(

@@ -40,8 +40,8 @@ def test_chat_stream(client, offline_engine):
                                                  temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    prompt = offline_engine.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=True)
+    prompt = offline_engine.tokenizer.encode(offline_engine.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
     want = offline_engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
     assert text == want.text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")

@@ -9,6 +9,10 @@ from transformers import AutoTokenizer
 
 from engine.structured_output_params import parse
 from handlers.protocol import RequestError, parse_request
+
+
+def text_of(req, tokenizer) -> str:
+    return tokenizer.decode(req.prompts[0], skip_special_tokens=False)
 from handlers.tool_calls import ToolCallStream, parse_tools
 
 CHAT = "v1/chat/completions"
@@ -152,13 +156,13 @@ def test_history_and_tools_in_a_template_without_tools(tiny_llama):
     """The tiny model's template never mentions tools: they are written out hermes-style."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     req = parse_request({"body": {"messages": HISTORY, "tools": TOOLS}}, CHAT, tokenizer)
-    prompt = req.prompts[0]
+    prompt = text_of(req, tokenizer)
     assert prompt.index("<tools>") < prompt.index('"name": "get_weather"') < prompt.index(
         "Weather in Paris?")
     assert ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
             '\n</tool_call>') in prompt
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in prompt
-    plain = parse_request({"body": {"messages": MESSAGES}}, CHAT, tokenizer).prompts[0]
+    plain = text_of(parse_request({"body": {"messages": MESSAGES}}, CHAT, tokenizer), tokenizer)
     assert "<tools>" not in plain
 
 
@@ -170,8 +174,9 @@ def test_history_and_tools_in_a_template_that_renders_them(tiny_llama):
         "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} "
         "{{ c.function.arguments.city }}{% endfor %}|{% endfor %}")
     req = parse_request({"body": {"messages": HISTORY, "tools": TOOLS}}, CHAT, tokenizer)
-    assert req.prompts[0] == ("TOOLS get_weather,now|user: Weather in Paris?|"
-                              "assistant: CALL get_weather Paris|tool: 18 C, sunny|")
+    assert req.prompts[0] == tokenizer.encode(
+        "TOOLS get_weather,now|user: Weather in Paris?|assistant: CALL get_weather Paris|"
+        "tool: 18 C, sunny|", add_special_tokens=False)
     bad = HISTORY[:1] + [{"role": "assistant", "tool_calls": [{
         "type": "function", "function": {"name": "now", "arguments": "[1]"}}]}]
     with pytest.raises(RequestError) as err:
