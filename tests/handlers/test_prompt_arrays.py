@@ -10,6 +10,7 @@ import pytest
 from handlers.limits import enforce
 from handlers.protocol import RequestError, parse_request
 from handlers.settings import HandlerSettings
+from tests.handlers.test_logprobs_routes import Tok
 
 PROMPTS = ["The quick brown fox", "Once upon a time there", "1 2 3"]
 
@@ -110,16 +111,6 @@ def test_limits_are_400s_naming_them(client):
     with pytest.raises(openai.BadRequestError, match="prompt 1: token ids"):
         client.completions.create(model="llm", prompt=[[5, 6], [5, 10**8]], max_tokens=1)
     assert client.completions.create(model="llm", prompt=["x", "y"], max_tokens=1).choices
-
-
-class Tok:
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
 
 
 @pytest.mark.parametrize("prompt, want", [
