@@ -2,8 +2,9 @@
 
 Decoding is incremental: each step decodes a short window of recent tokens, so the cost per
 token stays constant however long the output grows. A delta that would end inside a multi-byte
-character (the tokenizer yields U+FFFD) is held until the character completes. Text that might
-be the start of a stop string is held back until it is known not to be one.
+character (the tokenizer yields U+FFFD) is held until the character completes; a sequence that
+ends inside one ends with U+FFFD, as decoding its whole output does. Text that might be the
+start of a stop string is held back until it is known not to be one.
 """
 from transformers import PreTrainedTokenizerBase
 
@@ -23,6 +24,7 @@ class Detokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""                    # all output text so far (after any stop trim)
         self.sent = 0                     # characters of ``text`` already returned
+        self.stopped = False              # a stop string ended the text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True,
@@ -37,6 +39,7 @@ class Detokenizer:
             new = after[len(before):]
             self.window_start, self.read = self.read, len(self.ids)
             if self.stop and self._append_and_check(new):
+                self.stopped = True
                 return self.flush(), True
             if not self.stop:
                 self.text += new
@@ -57,6 +60,11 @@ class Detokenizer:
         return delta
 
     def flush(self) -> str:
-        """All text not yet returned: call once the sequence finishes."""
+        """All text not yet returned, an incomplete last character included (as U+FFFD,
+        unless a stop string ended the text before it): call once the sequence finishes."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self._decode(self.ids[self.window_start:self.read])
+            self.text += self._decode(self.ids[self.window_start:])[len(before):]
+            self.read = len(self.ids)
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta

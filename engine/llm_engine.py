@@ -2,8 +2,9 @@
 
 ``add_request`` and ``abort`` may be called from any thread: they only queue work, which
 ``step`` takes up at its start. Everything else runs on the thread that calls ``step``.
-A request with ``n`` or ``best_of`` > 1 is forked into its choices when its prompt's last
-chunk is scheduled (engine/parallel_sampling.py); each choice reports its own deltas.
+A request may carry several prompts, and each prompt with ``n`` or ``best_of`` > 1 is forked
+into its choices when its last chunk is scheduled (engine/parallel_sampling.py); every
+choice of every prompt is a sequence of its own and reports its own deltas.
 """
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
 from engine.structured_output import GrammarCompiler, wait_any
 
+Prompt = str | list[int]
 GRAMMAR_DEAD_END = ("structured_outputs: the grammar allows no token here (min_tokens or "
                     "stop_token_ids left nothing to sample)")
 
@@ -59,11 +61,42 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
-    def add_request(self, request_id: str, prompt: str | list[int],
+    def add_request(self, request_id: str, prompt: Prompt | list[Prompt],
                     params: SamplingParams | None = None) -> None:
-        """Queue a request; raises ValueError if it is malformed or can never fit."""
+        """Queue a request: one prompt (text or token ids) or a list of them, each with its
+        own ``n`` choices; raises ValueError if it is malformed or can never fit."""
         params = params or SamplingParams()
-        ids = self._tokenize(prompt)
+        prompts = _prompts(prompt)
+        vocab = self.runner.model.spec.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is not in the "
+                             f"vocabulary [0, {vocab})")
+        if params.num_children > self.config.max_num_seqs:
+            raise ValueError(f"n/best_of ({params.num_children}) exceeds max_num_seqs "
+                             f"({self.config.max_num_seqs}): its choices run side by side")
+        heads = []
+        for p, one in enumerate(prompts):
+            where = f"prompt {p}: " if len(prompts) > 1 else ""
+            try:
+                ids, max_tokens = self._fit(self._tokenize(one), params)
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
+            seq = Sequence(request_id, ids, params, max_tokens,
+                           Detokenizer(self.tokenizer, ids, params.stop),
+                           index=p * params.num_children, prompt_index=p)
+            if params.structured_outputs is not None:
+                seq.grammar = self.grammars.start(params.structured_outputs)
+            heads.append(seq)
+        if len(heads) > 1 or params.num_children > 1:
+            ParentRequest(params, heads)
+        with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._live.add(request_id)
+            self._inbox.extend(heads)
+
+    def _fit(self, ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt and its resolved max_tokens, if they fit a sequence."""
         room = min(self.max_model_len, self.allocator.num_blocks * self.config.block_size)
         if len(ids) >= room:
             raise ValueError(f"prompt has {len(ids)} tokens; this engine fits at most {room - 1} "
@@ -73,21 +106,7 @@ class LLMEngine:
         if len(ids) + max_tokens > room:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"the {room} tokens a sequence may hold")
-        if params.num_children > self.config.max_num_seqs:
-            raise ValueError(f"n/best_of ({params.num_children}) exceeds max_num_seqs "
-                             f"({self.config.max_num_seqs}): its choices run side by side")
-        parent = ParentRequest(params) if params.num_children > 1 else None
-        seq = Sequence(request_id, ids, params, max_tokens,
-                       Detokenizer(self.tokenizer, ids, params.stop), parent=parent)
-        if parent is not None:
-            parent.seqs.append(seq)
-        if params.structured_outputs is not None:
-            seq.grammar = self.grammars.start(params.structured_outputs)
-        with self._lock:
-            if request_id in self._live:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._live.add(request_id)
-            self._inbox.append(seq)
+        return ids, max_tokens
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -118,7 +137,7 @@ class LLMEngine:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
         for seq in inbox:
-            self.seqs[seq.request_id] = seq
+            self.seqs.setdefault(seq.request_id, seq)
             self._compiling.append(seq)
             self.prompt_tokens_total += seq.num_prompt_tokens
         outputs = [out for rid in aborts if rid in self.seqs for out in self._abort(rid)]
@@ -169,19 +188,17 @@ class LLMEngine:
         return outputs
 
     def _fork(self, batch: Batch) -> None:
-        """Fork the other choices of requests whose prompt completes this step."""
+        """Fork the other choices of prompts whose last chunk is scheduled this step."""
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            parent = seq.parent
-            if (parent is None or parent.forked
-                    or seq.num_computed_tokens + num_new < seq.num_tokens):
+            if seq.to_fork == 0 or seq.num_computed_tokens + num_new < seq.num_tokens:
                 continue
-            assert seq.num_output_tokens == 0, "a request forks before its first token"
-            parent.forked = True
-            for index in range(1, parent.num_children):
-                params = parent.child_params(seq.params, index)
+            assert seq.num_output_tokens == 0, "a prompt forks before its first token"
+            parent = seq.parent
+            for choice in range(1, seq.to_fork + 1):
+                params = parent.child_params(seq.params, choice)
                 child = Sequence(seq.request_id, seq.token_ids, params, seq.max_tokens,
                                  Detokenizer(self.tokenizer, seq.token_ids, params.stop),
-                                 index, parent)
+                                 seq.index + choice, parent, seq.prompt_index)
                 child.arrival_time, child.queue_time_s = seq.arrival_time, seq.queue_time_s
                 child.num_computed_tokens = seq.num_computed_tokens + num_new
                 if seq.grammar is not None:
@@ -190,6 +207,7 @@ class LLMEngine:
                 self.scheduler.add_running(child)
                 parent.seqs.append(child)
                 batch.forks.append((row, child))
+            seq.to_fork = 0
 
     def _abort(self, request_id: str) -> list[RequestOutput]:
         head = self.seqs[request_id]
@@ -233,8 +251,8 @@ class LLMEngine:
             self._compiling.remove(seq)
         parent = seq.parent
         if parent is not None:
-            if not parent.forked:        # ended before its fork: the other choices never start
-                parent.forked, parent.num_children = True, 1
+            parent.num_seqs -= seq.to_fork   # ended before its fork: those never start
+            seq.to_fork = 0
             parent.num_finished += 1
         text += seq.detokenizer.flush()
         if parent is None or parent.choices_running == 0:
@@ -243,12 +261,13 @@ class LLMEngine:
                 self._live.discard(seq.request_id)
         if parent is None or not parent.ranks:
             return [self._output(seq, text, token_ids or [], reason, error)]
-        if parent.choices_running:
+        if parent.prompt_running(seq.prompt_index):
             return []
-        winners = parent.winners()
+        winners = parent.winners(seq.prompt_index)
+        first = seq.prompt_index * parent.n
         return [self._output(w, w.detokenizer.text, w.output_token_ids, w.finish_reason,
-                             error if w is seq else None, index=i,
-                             choices_running=len(winners) - 1 - i)
+                             error if w is seq else None, index=first + i,
+                             choices_running=parent.choices_running + len(winners) - 1 - i)
                 for i, w in enumerate(winners)]
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int],
@@ -258,7 +277,8 @@ class LLMEngine:
         parent = seq.parent
         if choices_running is None:
             choices_running = parent.choices_running if parent else 0
-        out = RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
+        prompt_tokens = parent.prompt_tokens if parent else seq.num_prompt_tokens
+        out = RequestOutput(seq.request_id, text, token_ids, reason, prompt_tokens,
                             seq.num_output_tokens, error, seq.queue_time_s,
                             index=seq.index if index is None else index,
                             choices_running=choices_running)
@@ -266,7 +286,7 @@ class LLMEngine:
             out.logprobs = self.token_texts.fill(seq.logprobs[len(seq.logprobs) - len(token_ids):])
         if seq.scores_tokens:
             out.cumulative_logprob = seq.cumulative_logprob
-        head = parent.seqs[0] if parent else seq
+        head = parent.heads[seq.prompt_index] if parent else seq
         if head.params.prompt_logprobs is not None and not head.needs_prompt_logprobs:
             if not head.prompt_logprobs_sent:
                 head.prompt_logprobs_sent = True
@@ -327,6 +347,13 @@ class LLMEngine:
                     r.error = out.error or r.error
                     bar.update(out.finished)
         return [results[slot] for slot in slots]
+
+
+def _prompts(prompt: Prompt | list[Prompt]) -> list[Prompt]:
+    """A request's prompts: a list of texts or of token-id lists is many, else one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return prompt
+    return [prompt]
 
 
 def _eos_ids(model_path: str, tokenizer) -> list[int]:

@@ -23,6 +23,8 @@ class Sampler:
         self._ban_early_stops(logits, seqs)
         if any(s.params.penalized for s in seqs):
             logits = self._penalize(logits, seqs)
+        if any(s.params.logit_bias for s in seqs):
+            self._bias(logits, seqs)
         if any(s.grammar is not None for s in seqs):
             mask(logits, [s.grammar for s in seqs])
         greedy = kernels.argmax_rows(logits)
@@ -54,6 +56,18 @@ class Sampler:
         if banned:
             logits[_column(rows, torch.long, logits.device),
                    _column(banned, torch.long, logits.device)] = float("-inf")
+
+    def _bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """In place: each row's logit_bias added to its tokens' logits."""
+        rows, ids, values = [], [], []
+        for row, seq in enumerate(seqs):
+            for token, bias in (seq.params.logit_bias or {}).items():
+                rows.append(row)
+                ids.append(token)
+                values.append(bias)
+        device = logits.device
+        logits.index_put_((_column(rows, torch.long, device), _column(ids, torch.long, device)),
+                          _column(values, torch.float32, device), accumulate=True)
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Repetition penalty over prompt and output (HF rule); presence/frequency over output."""

@@ -11,7 +11,8 @@ class SamplingParams(BaseModel):
     """How one request samples and when it stops; invalid values raise a ValidationError.
 
     ``max_tokens=None`` means "up to max_model_len"; ``top_k`` of 0 or -1 and ``top_p`` of 1
-    disable those filters; ``temperature`` 0 is greedy.
+    disable those filters; ``temperature`` 0 is greedy. ``logit_bias`` adds a value in
+    [-100, 100] to a token id's logit (OpenAI's rule; -100 all but bans it).
 
     ``logprobs=N`` reports each new token's logprob and the N most likely alternatives;
     ``prompt_logprobs=N`` the same for every prompt token (the first is None). ``n`` answers
@@ -33,6 +34,7 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     n: int = Field(1, ge=1)
@@ -50,6 +52,15 @@ class SamplingParams(BaseModel):
         if any(not s for s in value):
             raise ValueError("stop strings must be non-empty")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"token {token}: a bias must be in [-100, 100] for a token id "
+                                 f">= 0, got {bias}")
+        return value or None
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty")

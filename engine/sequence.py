@@ -26,16 +26,19 @@ class Sequence:
     ``num_computed_tokens`` counts tokens whose K/V are in the cache; a preempted sequence
     drops back to 0 and recomputes prompt and output together. ``seq_id`` keys its block
     table: the request id for a request's first sequence, ``(request_id, index)`` for the
-    other choices of an ``n`` > 1 request (``parent`` ties them together).
+    others (the other choices of an ``n`` > 1 request, the other prompts of a prompt array;
+    ``parent`` ties them together). ``index`` is the choice's, prompt-major over the prompts.
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, detokenizer: Detokenizer, index: int = 0,
-                 parent: "ParentRequest | None" = None) -> None:
+                 parent: "ParentRequest | None" = None, prompt_index: int = 0) -> None:
         self.request_id = request_id
         self.index = index
+        self.prompt_index = prompt_index
         self.seq_id: Hashable = request_id if index == 0 else (request_id, index)
         self.parent = parent
+        self.to_fork = 0                  # choices still to be forked from this prompt's head
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.num_computed_tokens = 0
@@ -69,7 +72,7 @@ class Sequence:
     @property
     def width(self) -> int:
         """Scheduler slots it takes: all its choices while they are still to be forked."""
-        return self.parent.num_children if self.parent and not self.parent.forked else 1
+        return 1 + self.to_fork
 
     @property
     def num_tokens(self) -> int:

@@ -54,7 +54,7 @@ from handlers.engine_loop import EngineLoop, Stopping
 from handlers.framing import Framer, error_body
 from handlers.keeper import ROUTE as HOLD_ROUTE, Keeper
 from handlers.limits import enforce
-from handlers.protocol import ParsedRequest, RequestError, parse_request
+from handlers.protocol import ANSWERED_AT_ONCE, ParsedRequest, RequestError, parse_request
 from handlers.settings import HandlerSettings
 from handlers.stream_metrics import StreamMetrics
 
@@ -159,12 +159,13 @@ class ContinuousBatchingHandler(BaseHandler):
                                    self.settings.default_max_tokens,
                                    self.settings.max_tokens_limit,
                                    self.loop.engine.config.max_num_seqs)
-            if parsed.api in ("models", "stats"):
+            if parsed.api in ANSWERED_AT_ONCE:
                 context.set_response_content_type(idx, "application/json")
                 return json.dumps(self._info(parsed))
             if self.loop.stopping:
                 raise RequestError(DRAIN_MESSAGE, status=503)
-            self.loop.submit(rid, parsed.prompt, parsed.params, enforce(parsed, self.settings))
+            deadline = enforce(parsed, self.settings, self.loop.engine.tokenizer)
+            self.loop.submit(rid, parsed.prompts, parsed.params, deadline)
         except RequestError as err:
             return self._error(idx, err, context)
         except ValueError as exc:       # the engine refused it: too long, out of vocab, ...
@@ -178,7 +179,7 @@ class ContinuousBatchingHandler(BaseHandler):
                                                  status=500), context)
         self.framers[rid] = Framer(parsed.api, parsed.stream, parsed.include_usage, rid,
                                    self.model_name, parsed.params, parsed.echo,
-                                   parsed.echo_first_token)
+                                   parsed.echo_first_token, len(parsed.prompts), parsed.tools)
         return None
 
     def _next_chunk(self, idx: int, rid: str, context: Any) -> tuple[str, bool | None] | None:
@@ -263,8 +264,14 @@ class ContinuousBatchingHandler(BaseHandler):
         return error_body(err)
 
     def _info(self, parsed: ParsedRequest) -> dict[str, Any]:
+        max_model_len = self.loop.engine.max_model_len
         if parsed.api == "stats":
             return self.loop.stats() | {"draining": self.loop.stopping, "pid": os.getpid()}
+        if parsed.api == "tokenize":
+            return parsed.reply | {"max_model_len": max_model_len}
+        if parsed.api == "detokenize":
+            return parsed.reply
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": int(time.time()),
-                                            "owned_by": "torchserve-llm"}]}
+                                            "owned_by": "torchserve-llm",
+                                            "max_model_len": max_model_len}]}

@@ -82,7 +82,7 @@ class EngineLoop:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
 
-    def submit(self, request_id: str, prompt: str | list[int], params: Any,
+    def submit(self, request_id: str, prompt: str | list[int] | list[Any], params: Any,
                timeout_s: float | None = None) -> RequestStream:
         """Queue a request; the engine's ValueError (bad prompt, too long, ...) propagates;
         Stopping once the loop is stopping."""

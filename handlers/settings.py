@@ -38,6 +38,8 @@ class HandlerSettings(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0)      # deadline from arrival; may be lowered
     max_stop_strings: int = Field(16, ge=0)            # stop strings in one request
     max_stop_chars: int = Field(256, ge=1)             # characters in one stop string
+    max_prompts: int = Field(64, ge=1)                 # prompts in one completions request
+    max_request_tokens: int = Field(262144, ge=1)      # prompt tokens + max_tokens x choices
 
     @model_validator(mode="after")
     def _known_keys(self) -> "HandlerSettings":

@@ -48,3 +48,13 @@ def test_stop_strings_hold_back_only_a_possible_prefix(tokenizer):
     sent_before_flush = "".join(deltas[:-1])
     assert sent_before_flush == "abcdefghij"[:len(sent_before_flush)]
     assert len(sent_before_flush) >= len("abcdefghij") - 2
+
+
+def test_an_output_ending_inside_a_character_ends_as_a_full_decode(tokenizer):
+    ids = tokenizer.encode("ab 日本", add_special_tokens=False)
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    deltas, _ = _feed(tokenizer, ids[:cut])
+    assert "\ufffd" not in "".join(deltas[:-1])
+    assert "".join(deltas) == tokenizer.decode(ids[:cut])
+    deltas, stopped = _feed(tokenizer, ids[:cut], stop=["b"])
+    assert stopped and "".join(deltas) == "a"

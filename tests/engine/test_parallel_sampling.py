@@ -269,3 +269,61 @@ def test_a_failed_step_fails_every_choice_and_frees_their_blocks(llm, monkeypatc
     monkeypatch.undo()
     assert not llm.has_unfinished()
     _no_blocks_held(llm)
+
+
+def test_prompt_array_choices_equal_separate_requests(tiny_llama):
+    """Three prompts x n=2 in one request on a pool that preempts: choice j of prompt p has
+    index p * 2 + j and equals a separate one-prompt request seeded seed + j; each prompt's
+    prompt logprobs come once, on a delta of one of its choices; usage counts every prompt."""
+    llm = LLMEngine(tiny_llama, num_blocks=12, max_num_seqs=8, max_num_batched_tokens=48)
+    prompts = [_prompt(n, seed=n) for n in (37, 9, 50)]
+    params = SamplingParams(seed=11, n=2, temperature=1.0, max_tokens=20, ignore_eos=True,
+                            prompt_logprobs=0)
+    deltas, _ = _run(llm, {"r": (prompts, params)})
+    choices = _choices(deltas, "r")
+    assert sorted(choices) == list(range(6))
+    for p, prompt in enumerate(prompts):
+        for j in range(2):
+            alone = params.model_copy(update={"n": 1, "seed": 11 + j})
+            assert choices[p * 2 + j] == llm.generate([prompt], alone,
+                                                      use_tqdm=False)[0].token_ids
+    scored = {d.index // 2: d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None}
+    assert len([d for d in deltas if d.prompt_logprobs is not None]) == 3
+    assert {p: len(lps) for p, lps in scored.items()} == {0: 37, 1: 9, 2: 50}
+    assert {d.prompt_tokens for d in deltas} == {96}
+    assert [d.finished for d in deltas].count(True) == 1 and deltas[-1].finished
+    assert llm.stats().num_preemptions > 0
+    _no_blocks_held(llm)
+
+
+def test_prompt_array_best_of_ranks_each_prompt(tiny_llama):
+    llm = LLMEngine(tiny_llama, num_blocks=128, max_num_seqs=8)
+    prompts = [_prompt(29), _prompt(13)]
+    params = SamplingParams(seed=40, temperature=1.2, max_tokens=6, ignore_eos=True, n=1,
+                            best_of=3)
+    deltas, _ = _run(llm, {"r": (prompts, params)})
+    assert sorted(d.index for d in deltas) == [0, 1] and deltas[-1].finished
+    for d in deltas:
+        separate = [llm.generate([prompts[d.index]], params.model_copy(update={
+            "best_of": None, "seed": 40 + i, "logprobs": 0}), use_tqdm=False)[0]
+            for i in range(3)]
+        assert d.token_ids == max(separate, key=lambda o: o.cumulative_logprob).token_ids
+    _no_blocks_held(llm)
+
+
+def test_prompt_array_abort_and_errors(llm):
+    llm.add_request("r", [_prompt(21), _prompt(30)], SamplingParams(n=2, max_tokens=100,
+                                                                    ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    assert len(llm.scheduler.running) == 4
+    llm.abort("r")
+    last = llm.step()
+    assert sorted((d.index, d.finish_reason) for d in last) == [(i, "abort") for i in range(4)]
+    assert [d.finished for d in last] == [False, False, False, True]
+    _no_blocks_held(llm)
+    with pytest.raises(ValueError, match="prompt 1: token ids must be ints"):
+        llm.add_request("bad", [[5, 6], [5, 10**9]], SamplingParams())
+    with pytest.raises(ValueError, match="prompt 0: prompt is empty"):
+        llm.add_request("bad", ["", "x"], SamplingParams())
+    assert not llm.has_unfinished()

@@ -1,5 +1,7 @@
 """Sampler: filters keep the right tokens, penalties follow their rules, seeds reproduce."""
+import pytest
 import torch
+from pydantic import ValidationError
 
 from engine import LLMEngine, SamplingParams
 from engine.sampler import Sampler
@@ -65,3 +67,25 @@ def test_seeded_request_is_reproducible_inside_a_busy_batch(tiny_llama):
     assert alone == together
     different = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=43, max_tokens=12)
     assert llm.generate(["the seeded prompt"], different, use_tqdm=False)[0].token_ids != alone
+
+
+def test_logit_bias_shifts_and_bans_tokens(tiny_llama):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]])
+    assert Sampler([])(logits.clone(), [_seq(SamplingParams(temperature=0,
+                                                            logit_bias={2: 1.6}))]) == [2]
+    banned = SamplingParams(logit_bias={0: -100, 1: -100})
+    assert _draws(logits, banned, n=300) <= {2, 3}
+    mixed = [_seq(SamplingParams(temperature=0, logit_bias={3: 5})),
+             _seq(SamplingParams(temperature=0))]
+    assert Sampler([])(logits.expand(2, -1).clone(), mixed) == [3, 0]
+    llm = LLMEngine(tiny_llama, num_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate(["a prompt"], greedy, use_tqdm=False)[0].token_ids
+    forced = llm.generate(["a prompt"], greedy.model_copy(update={"logit_bias": {7: 100.0}}),
+                          use_tqdm=False)[0].token_ids
+    assert forced == [7] * 6 != plain
+    with pytest.raises(ValueError, match="logit_bias: token id 999999"):
+        llm.add_request("r", "x", SamplingParams(logit_bias={999999: 1.0}))
+    with pytest.raises(ValidationError, match="logit_bias"):
+        SamplingParams(logit_bias={"3": 101})
+    assert SamplingParams(logit_bias={"3": -2}).logit_bias == {3: -2.0}

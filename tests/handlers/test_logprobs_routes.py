@@ -38,11 +38,11 @@ def test_completions_fields_map_to_sampling_params():
     req = parse({"prompt": "abc", "logprobs": 3, "echo": True, "n": 2, "best_of": 4}, COMPLETIONS)
     p = req.params
     assert (p.logprobs, p.prompt_logprobs, p.n, p.best_of) == (3, 3, 2, 4)
-    assert req.echo == "abc" and req.echo_first_token == "a"
+    assert req.echo == ["abc"] and req.echo_first_token == ["a"]
     scoring = parse({"prompt": [97, 98], "echo": True, "max_tokens": 0, "logprobs": 1},
                     COMPLETIONS)
     assert scoring.params.max_tokens == 0 and scoring.params.prompt_logprobs == 1
-    assert scoring.echo == "ab"
+    assert scoring.echo == ["ab"]
     quiet = parse({"prompt": "abc", "echo": True, "max_tokens": 0}, COMPLETIONS)
     assert quiet.params.logprobs is None and quiet.params.prompt_logprobs == 0
     plain = parse({"prompt": "abc"}, COMPLETIONS)
@@ -96,8 +96,8 @@ def _events(body: str) -> list[dict]:
 
 def test_stream_renders_each_choice_with_its_index_and_finish():
     params = SamplingParams(n=2, logprobs=1)
-    framer = Framer("completions", True, True, "r", "llm", params, echo="ab",
-                    echo_first_token="a")
+    framer = Framer("completions", True, True, "r", "llm", params, echo=["ab"],
+                    echo_first_token=["a"])
     prompt = [None, _pos(98, -1.5, [(99, -0.5)])]
     first = [RequestOutput("r", "c", [99], None, 2, 1, index=0, choices_running=2,
                            logprobs=[_pos(99, -0.25, [(99, -0.25)])], prompt_logprobs=prompt),
@@ -193,8 +193,8 @@ def test_completions_n_stream_with_logprobs(server, client, offline_engine):
 
 def test_chat_n_stream_with_top_logprobs(server, client, offline_engine):
     messages = [{"role": "user", "content": "Say something"}]
-    prompt = offline_engine.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=True)
+    prompt = offline_engine.tokenizer.encode(offline_engine.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
     want = offline_engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, n=2,
                                                             logprobs=3), use_tqdm=False)
     chunks = list(client.chat.completions.create(

@@ -49,14 +49,14 @@ def test_not_json_and_unknown_route():
 
 def test_native_and_openai_bodies():
     req = parse({"prompt": [5, 6], "stream": True, "temperature": 0, "stop": "x"})
-    assert req.api == "generate" and req.prompt == [5, 6] and req.stream
+    assert req.api == "generate" and req.prompts == [[5, 6]] and req.stream
     assert req.params.stop == ["x"] and req.params.max_tokens == 16
     req = parse({"model": "llm", "prompt": ["only one"], "max_tokens": 3, "user": "u",
                  "stream_options": {"include_usage": True}, "stream": True}, "v1/completions")
-    assert req.api == "completions" and req.prompt == "only one" and req.include_usage
+    assert req.api == "completions" and req.prompts == ["only one"] and req.include_usage
     req = parse({"model": "llm", "messages": [{"role": "user", "content": "hi"}],
                  "max_completion_tokens": 7}, "v1/chat/completions")
-    assert req.prompt == "user: hi\nassistant:" and req.params.max_tokens == 7
+    assert req.prompts == ["user: hi\nassistant:"] and req.params.max_tokens == 7
     assert parse(None, "v1/models").api == "models"
     with pytest.raises(RequestError, match="max_tokens"):
         parse({"prompt": "x", "max_tokens": 99}, max_tokens_limit=50)
@@ -68,8 +68,7 @@ def test_native_and_openai_bodies():
      "echo"),
     ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 3},
      "best_of"),
-    ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                             "tools": [{"type": "function"}]}, "tools"),
+    ("v1/completions", {"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
 ])
 def test_unsupported_openai_options_are_refused_not_ignored(path, body, field):
     with pytest.raises(RequestError) as err:
