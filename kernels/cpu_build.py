@@ -1,9 +1,10 @@
 """Builds the compiled CPU kernels (``kernels/cpu/*.cpp``) at first use and loads them.
 
 The sources are compiled by the machine's C++ compiler through ``torch.utils.cpp_extension``
-(ninja) with ``-O3 -march=native`` (no implicit FMA contraction), into a cache directory keyed by the sources, the torch
-version and the CPU, so a fresh clone builds once (about a minute) and later processes load
-the cached library in milliseconds. ``load`` never raises: without a compiler or ninja it logs
+(ninja) with ``-O3 -march=native`` (no implicit FMA contraction), into a cache directory keyed
+by the sources (their text and where they are), the torch version and the CPU, so a fresh
+clone builds once (about two minutes) and later processes load the cached library in
+milliseconds. ``load`` never raises: without a compiler or ninja it logs
 a warning once and returns False, and the callers keep the PyTorch reference.
 """
 import hashlib
@@ -34,6 +35,10 @@ def cache_dir() -> Path:
     for name in SOURCES + HEADERS:
         digest.update((_SRC / name).read_bytes())
     digest.update(" ".join((torch.__version__, platform.machine(), _cpu_flags()) + CFLAGS).encode())
+    # and by where the sources are: ninja's build file names them by absolute path, so two
+    # clones sharing one directory rebuilt it on every switch (a worker that rebuilt past its
+    # start timeout left a stale lock that hung every later load)
+    digest.update(str(_SRC).encode())
     return root / "cpu-kernels" / digest.hexdigest()[:16]
 
 
