@@ -30,7 +30,8 @@ setup(
         "bench": ["matplotlib>=3.8", "requests>=2.31", "gguf>=0.17"],   # gguf: bench/llama_cpp.py
         "dev": ["triton>=3.1", "torchserve==0.12.0", "torch-model-archiver==0.12.0",
                 "requests>=2.31", "gguf>=0.17", "accelerate>=1.0", "matplotlib>=3.8", "pytest>=8",
-                "hypothesis>=6.100", "openai>=1.40"],
+                "hypothesis>=6.100", "openai>=1.40",
+                "langchain-openai>=1.0"],      # tests/handlers/test_langchain.py
         # tests/handlers/test_lm_eval.py (skipped without it): heavy (datasets, pyarrow,
         # scikit-learn, ...), so not in dev
         "eval": ["lm-eval[api]>=0.4.13,<0.5"],
