@@ -25,7 +25,9 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import requests
 
@@ -254,6 +256,16 @@ def scale_workers(server: Server, model: str, count: int, drain: bool = True,
     if reply.status_code != 200:
         raise RuntimeError(f"scaling {model} to {count} workers: {reply.status_code} "
                            f"{reply.text[:200]}")
+
+
+@contextmanager
+def serving(model_store: Path, run_dir: Path, **start_args) -> Iterator[Server]:
+    """``start_server`` on free loopback ports for the block, then ``stop_server``."""
+    server = start_server(model_store, run_dir=run_dir, ports=free_ports(), **start_args)
+    try:
+        yield server
+    finally:
+        stop_server(run_dir)
 
 
 def stop_server(run_dir: Path = RUN_DIR, timeout_s: float = 60,

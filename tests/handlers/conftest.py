@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.build_archives import build_all  # noqa: E402
-from scripts.serve import Server, free_ports, start_server, stop_server  # noqa: E402
+from scripts.serve import Server, serving  # noqa: E402
 
 
 @pytest.fixture(scope="package")
@@ -28,11 +28,9 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def server(archives: Path, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    run_dir = tmp_path_factory.mktemp("torchserve")
-    srv = start_server(archives, run_dir=run_dir, ports=free_ports(), token_auth=True,
-                       timeout_s=240)
-    yield srv
-    stop_server(run_dir)
+    with serving(archives, tmp_path_factory.mktemp("torchserve"), token_auth=True,
+                 timeout_s=240) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="package")

@@ -16,7 +16,7 @@ import pytest
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from scripts.serve import drain_workers, free_ports, start_server, stop_server, worker_pids
+from scripts.serve import drain_workers, serving, worker_pids
 
 LONG = {"prompt": "Tell me a long story", "max_tokens": 1000, "temperature": 0,
         "ignore_eos": True}
@@ -24,11 +24,9 @@ LONG = {"prompt": "Tell me a long story", "max_tokens": 1000, "temperature": 0,
 
 @pytest.fixture(scope="module")
 def server(archives, tmp_path_factory: pytest.TempPathFactory):
-    run_dir = tmp_path_factory.mktemp("torchserve-reliability")
-    srv = start_server(archives, run_dir=run_dir, ports=free_ports(), token_auth=True,
-                       timeout_s=240)
-    yield srv
-    stop_server(run_dir)
+    with serving(archives, tmp_path_factory.mktemp("torchserve-reliability"),
+                 token_auth=True, timeout_s=240) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
