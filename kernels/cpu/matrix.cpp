@@ -4,14 +4,13 @@
 // - fp32 goes to linear.cpp's kernel; bf16 and fp16 are widened here, sixteen outputs of one
 //   input at a time, and feed fp32 FMAs with the activations (fp32 arithmetic throughout).
 // - q8 (int8 values: GGUF Q8_0, Q5_x, Q5_K, Q6_K, int8 at load) and q4 (nibbles: GGUF Q4_0,
-//   Q4_1, Q4_K, int4 at load) take integer dot products, as llama.cpp does: each activation row
-//   is quantized to int8 per block of min(group, 32) inputs (scale max|x| / 127, round to
-//   nearest even), the int8 x int8 (or x uint4) products of a block summed exactly in int32
-//   (VNNI `vpdpbusd` where the CPU has it, else AVX2 `maddubs` + `madd`), and every block
-//   adds sum * (weight scale * activation scale) + weight min * (activation scale * sum of
-//   the block's int8 activations) to the fp32 output. Widening 4- and 8-bit weights to fp32
-//   before the FMAs cost ~3x the memory floor at batch 1 (measured); the integer products cost
-//   a few instructions per 64 weights.
+//   Q4_1, Q4_K, int4 at load) take integer dot products: each activation row is quantized per
+//   block of min(group, 32) inputs in two int8 passes (`QuantRows`), the int8 x int8 (or x
+//   uint4) products of a block summed exactly in int32 (VNNI `vpdpbusd` where the CPU has it,
+//   else AVX2 `maddubs` + `madd`), and every block adds sum * (weight scale * activation
+//   scale) + weight min * (activation scale * sum of the block's activations) to the fp32
+//   output. Widening 4- and 8-bit weights to fp32 before the FMAs took ~2.4x the memory
+//   floor at batch 1 (measured); the integer products cost a few instructions per 64 weights.
 //
 // Owns `tsllm_cpu::matrix_linear`, `tsllm_cpu::matrix_rows_of` (the embedding lookup) and
 // `tsllm_cpu::quantize_rows` (the activation quantization, for the tests' reference).
