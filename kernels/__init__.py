@@ -7,8 +7,8 @@ or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_back
 ``pack_linear`` packs a linear layer's weight once for the compiled CPU kernels where they
 apply (on CPU under ``auto``), in its format: dense fp32 / bf16 / fp16, or quantized ``Lanes``
 (GGUF block types, int8 / int4 at load: ``kernels/lanes.py``), into huge pages
-(``HugePageArena``, which the KV cache uses too); ``linear_packed`` runs the layer on it and
-``embedding_packed`` looks rows up in it; elsewhere the model keeps dense weights
+(``HugePageArena``, which the KV cache uses too); ``linear_packed`` runs the layer on it (the
+compiled decoder also looks embedding rows up in it); elsewhere the model keeps dense weights
 (``Lanes.dequantize``) and ``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's
 weights (linears packed) once into a compiled object that runs a step's embedding lookup,
 layers and final norm in one call (the model's CPU path); ``argmax_rows`` and
@@ -28,7 +28,7 @@ from kernels.lanes import GGUF_LANE_TYPES, Lanes, from_gguf, quantize
 from kernels.reference import paged_attention_reference, store_kv_reference
 
 __all__ = ["BACKENDS", "GGUF_LANE_TYPES", "HugePageArena", "Lanes", "argmax_rows",
-           "bind_decoder", "embedding_packed", "finite_rows", "from_gguf", "get_backend",
+           "bind_decoder", "finite_rows", "from_gguf", "get_backend",
            "linear_packed", "pack_linear", "paged_attention", "quantize", "release_freed_heap",
            "set_backend",
            "store_kv"]
@@ -97,12 +97,6 @@ def pack_linear(weight: torch.Tensor | Lanes, arena: HugePageArena | None = None
 def linear_packed(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` for fp32 ``x [..., in]`` and ``packed = pack_linear(weight)``."""
     return _cpu_fns[1](x, packed, bias)
-
-
-def embedding_packed(ids: torch.Tensor, packed) -> torch.Tensor:
-    """Rows ``ids`` of ``packed = pack_linear(weight)`` in fp32 (a lookup in its format)."""
-    from kernels.cpu_linear import embedding_packed_cpu
-    return embedding_packed_cpu(ids, packed)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
