@@ -2,6 +2,9 @@
 from dataclasses import dataclass
 
 DTYPES = ("float32", "float16", "bfloat16")
+# KV cache element types (vLLM's names): auto = the model's dtype; fp8 = e4m3 with a
+# per-tensor scale (kernels/reference.py), on CUDA only; fp8_e4m3 is vLLM's alias for it.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3")
 QUANTIZATIONS = {"int8": 8, "int4": 4}      # weight-only, at load: name -> bits
 BACKENDS = ("auto", "triton", "reference")
 
@@ -21,6 +24,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512        # tokens (prefill + decode) in one step
     max_model_len: int | None = None         # default: the checkpoint's max_position_embeddings
     dtype: str = "float32"
+    kv_cache_dtype: str = "auto"             # see KV_CACHE_DTYPES
     device: str = "cpu"
     attention_backend: str = "auto"
     enable_prefix_caching: bool = True       # share KV blocks of identical prompt prefixes
@@ -50,6 +54,16 @@ class EngineConfig:
         need(self.num_threads is None or self.num_threads > 0,
              f"num_threads must be positive, got {self.num_threads}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        need(self.device != "cpu" or not self.kv_cache_dtype.startswith("fp8"),
+             f"kv_cache_dtype {self.kv_cache_dtype} is served on CUDA only; on CPU use auto, "
+             f"float32, bfloat16 or float16")
+        cache = self.cache_dtype
+        need(self.device == "cpu" or cache == self.dtype or
+             (cache == "fp8" and self.dtype != "float32"),
+             f"on CUDA kv_cache_dtype must be auto (the model's {self.dtype}) or fp8 with a "
+             f"float16/bfloat16 model, got {self.kv_cache_dtype!r}")
         need(self.quantization is None or self.quantization in QUANTIZATIONS,
              f"quantization must be one of {tuple(QUANTIZATIONS)} or None, got "
              f"{self.quantization!r}")
@@ -64,3 +78,10 @@ class EngineConfig:
              f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         need(self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's element type: a DTYPES name, or fp8 (e4m3)."""
+        if self.kv_cache_dtype == "auto":
+            return self.dtype
+        return "fp8" if self.kv_cache_dtype.startswith("fp8") else self.kv_cache_dtype

@@ -35,6 +35,8 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
+        self.cache_dtype = (torch.float8_e4m3fn if config.cache_dtype == "fp8"
+                            else getattr(torch, config.cache_dtype))
         if config.attention_backend != "auto":      # "auto" leaves KERNELS_BACKEND in force
             kernels.set_backend(config.attention_backend)
         if config.num_threads is not None:          # process-wide: threads started later follow
@@ -51,15 +53,15 @@ class ModelRunner:
         shape = (spec.num_layers, self.num_blocks, config.block_size, spec.num_kv_heads,
                  spec.head_dim)
         arena = kernels.HugePageArena()     # on CPU the cache's blocks sit in huge pages
-        self.k_cache = arena.zeros(shape, self.dtype, self.device)
-        self.v_cache = arena.zeros(shape, self.dtype, self.device)
+        self.k_cache = arena.zeros(shape, self.cache_dtype, self.device)
+        self.v_cache = arena.zeros(shape, self.cache_dtype, self.device)
         self.model.set_caches(self.k_cache, self.v_cache)
 
     @property
     def block_bytes(self) -> int:
         spec = self.model.spec
         per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
-        return per_token * self.config.block_size * self.dtype.itemsize
+        return per_token * self.config.block_size * self.cache_dtype.itemsize
 
     def _size_pool(self) -> int:
         c = self.config

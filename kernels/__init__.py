@@ -59,28 +59,32 @@ def get_backend() -> str:
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write each token's K/V into its cache slot; slots of -1 are skipped."""
+             v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+             v_scale: float = 1.0) -> None:
+    """Write each token's K/V into its cache slot, rounded to the cache's dtype (fp8: scaled
+    by ``1 / k_scale``, ``1 / v_scale``); slots of -1 are skipped."""
+    args = (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if _use_triton(key):
-        _triton_fns[0](key, value, k_cache, v_cache, slot_mapping)
+        _triton_fns[0](*args)
     elif _use_cpu(key):
-        _cpu_fns[2](key, value, k_cache, v_cache, slot_mapping)
+        _cpu_fns[2](*args)
     else:
-        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_reference(*args)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's queries over its paged K/V; returns query's shape."""
+                    query_start_loc: torch.Tensor, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its paged K/V (fp8 entries times
+    ``k_scale``, ``v_scale``); returns query's shape."""
+    args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+            v_scale)
     if _use_triton(query):
-        return _triton_fns[1](query, k_cache, v_cache, block_tables, seq_lens,
-                              query_start_loc, scale)
+        return _triton_fns[1](*args)
     if _use_cpu(query):
-        return _cpu_fns[0](query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                           scale)
-    return paged_attention_reference(query, k_cache, v_cache, block_tables, seq_lens,
-                                     query_start_loc, scale)
+        return _cpu_fns[0](*args)
+    return paged_attention_reference(*args)
 
 
 def pack_linear(weight: torch.Tensor | Lanes, arena: HugePageArena | None = None):

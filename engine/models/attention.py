@@ -16,7 +16,10 @@ class AttentionMetadata:
 
 
 class PagedAttention(torch.nn.Module):
-    """Stores this step's K/V into its layer's cache, then attends over the cached pages."""
+    """Stores this step's K/V into its layer's cache, then attends over the cached pages.
+
+    An fp8 cache's per-tensor scales are 1.0, vLLM's default without calibration: e4m3 holds
+    +-448 with 3 mantissa bits; K/V beyond that saturate (no calibrated scales are computed)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -24,9 +27,12 @@ class PagedAttention(torch.nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale,
+                         self.v_scale)
         return kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                       meta.seq_lens, meta.query_start_loc, self.scale)
+                                       meta.seq_lens, meta.query_start_loc, self.scale,
+                                       self.k_scale, self.v_scale)

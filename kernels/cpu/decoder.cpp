@@ -1,5 +1,7 @@
-// The decoder of the fp32 CPU path in one call: embedding lookup, every layer, final norm, with
-// the kernels of the other files in sequence on raw pointers into one workspace.
+// The decoder of the CPU path in one call: embedding lookup, every layer, final norm, with
+// the kernels of the other files in sequence on raw pointers into one workspace. Activations
+// are fp32 whatever the weights' formats; the KV cache is fp32, fp16 or bf16 (rounded to
+// nearest even when stored, read as fp32).
 //
 // Owns the `tsllm_cpu.Decoder` class. A decode step at batch 1 reads ~14 MB of weights per
 // layer (SmolLM2: ~1 ms on this project's CPU); around that, each op called from Python cost
@@ -98,7 +100,7 @@ struct Decoder : torch::CustomClassHolder {
     }
 
     // input_ids, positions [tokens] int32; k_cache, v_cache: [layers, blocks, block_size,
-    // kv_heads, head_dim]. Returns the final norm's output [tokens, hidden].
+    // kv_heads, head_dim] fp32, fp16 or bf16. Returns the final norm's output [tokens, hidden].
     at::Tensor forward(at::Tensor input_ids, at::Tensor positions, at::Tensor k_cache,
                        at::Tensor v_cache, at::Tensor slot_mapping, at::Tensor block_tables,
                        at::Tensor seq_lens, at::Tensor query_start_loc) {
@@ -108,9 +110,11 @@ struct Decoder : torch::CustomClassHolder {
         for (const at::Tensor* c : {&k_cache, &v_cache})
             TORCH_CHECK(c->dim() == 5 && c->size(0) == layers_ && c->size(3) == kv_heads_ &&
                         c->size(4) == dim && c->is_contiguous() &&
-                        c->scalar_type() == at::kFloat && c->sizes() == k_cache.sizes(),
-                        "Decoder: caches fp32 [", layers_, ", blocks, block_size, ", kv_heads_,
-                        ", ", dim, "], contiguous");
+                        c->scalar_type() == k_cache.scalar_type() && c->sizes() == k_cache.sizes(),
+                        "Decoder: caches [", layers_, ", blocks, block_size, ", kv_heads_,
+                        ", ", dim, "] of one dtype, contiguous");
+        const at::ScalarType cache = k_cache.scalar_type();
+        with_float_type(cache, "Decoder: the caches", [](auto) {});
         for (const at::Tensor* m : {&input_ids, &positions, &slot_mapping, &block_tables,
                                     &seq_lens, &query_start_loc})
             TORCH_CHECK(m->scalar_type() == at::kInt && m->is_contiguous(),
@@ -119,7 +123,8 @@ struct Decoder : torch::CustomClassHolder {
         TORCH_CHECK(positions.numel() == tokens && slot_mapping.numel() == tokens &&
                     query_start_loc.numel() == num_seqs + 1 && block_tables.dim() == 2 &&
                     block_tables.size(0) == num_seqs, "Decoder: step input shapes");
-        const int64_t slots = k_cache.size(1) * block_size, layer_elems = slots * kv_size;
+        const int64_t slots = k_cache.size(1) * block_size;
+        const int64_t layer_bytes = slots * kv_size * k_cache.element_size();
 
         const auto opts = final_norm_.options();
         at::Tensor out = at::empty({tokens, hidden}, opts);
@@ -151,8 +156,8 @@ struct Decoder : torch::CustomClassHolder {
         for (int64_t l = 0; l < layers_; ++l) {
             const float* const* p = &ptrs_[8 * l];     // norms, biases, q and k norms
             const Matrix* m = &mats_[4 * l];            // qkv, o, gate_up, down
-            float* kc = k_cache.data_ptr<float>() + l * layer_elems;
-            float* vc = v_cache.data_ptr<float>() + l * layer_elems;
+            char* kc = static_cast<char*>(k_cache.data_ptr()) + l * layer_bytes;
+            char* vc = static_cast<char*>(v_cache.data_ptr()) + l * layer_bytes;
             if (l == 0)     // the residual is the embeddings: nothing to add yet
                 rms_norm_rows(res, hidden, nullptr, p[0], tokens, hidden, eps_, h, hidden);
             else
@@ -169,11 +174,8 @@ struct Decoder : torch::CustomClassHolder {
                 }
             rotary_rows(q, width, dim, q, width, tokens, heads_, dim, c, s);
             rotary_rows(k, width, dim, k, width, tokens, kv_heads_, dim, c, s);
-            store_rows(reinterpret_cast<const char*>(k),
-                       reinterpret_cast<const char*>(k + kv_size), width * 4,
-                       reinterpret_cast<char*>(kc), reinterpret_cast<char*>(vc), slot, tokens,
-                       slots, kv_size * 4);
-            decode_rows(q, width, dim, kc, vc, block_tables.data_ptr<int32_t>(),
+            store_rows(k, k + kv_size, width, kc, vc, cache, slot, tokens, slots, kv_size);
+            decode_rows(q, width, dim, kc, vc, cache, block_tables.data_ptr<int32_t>(),
                         block_tables.size(1), seq_lens.data_ptr<int32_t>(),
                         query_start_loc.data_ptr<int32_t>(), num_seqs, block_size, kv_heads_,
                         heads_, dim, scale_, attn, q_size, dim);

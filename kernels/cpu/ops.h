@@ -8,6 +8,17 @@
 
 namespace tsllm {
 
+// fn(T{}) with T the element type of a fp32, fp16 or bf16 tensor (`what` names it otherwise)
+template <typename Fn>
+void with_float_type(at::ScalarType type, const char* what, const Fn& fn) {
+    switch (type) {
+        case at::kFloat: return fn(float{});
+        case at::kHalf: return fn(c10::Half{});
+        case at::kBFloat16: return fn(c10::BFloat16{});
+        default: TORCH_CHECK(false, what, " must be fp32, fp16 or bf16, got ", type);
+    }
+}
+
 constexpr int64_t kPanel = 16;       // outputs per packed panel: two AVX2 vectors
 
 // matrix.cpp: a weight [n, k] in one of several formats, packed in panels of kPanel outputs,
@@ -41,17 +52,20 @@ void rotary_rows(const float* x, int64_t x_token_stride, int64_t x_head_stride, 
                  const float* cos, const float* sin);
 // activation.cpp
 void silu_mul_rows(const float* gate_up, int64_t rows, int64_t n, float* y);
-// store_kv.cpp: token t's K and V rows (`bytes` each, `stride` bytes apart) into slot[t]
-void store_rows(const char* k, const char* v, int64_t stride, char* k_cache, char* v_cache,
-                const int32_t* slot, int64_t tokens, int64_t slots, int64_t bytes);
-// paged_attention.cpp: the decode rows (query length 1) of each sequence (fp32 instantiated),
-// and the op's prefill chunks (SDPA per sequence; tensors, as the op takes them)
-template <typename T>
-void decode_rows(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* k_cache,
-                 const T* v_cache, const int32_t* tables, int64_t max_blocks,
-                 const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs,
-                 int64_t block_size, int64_t kv_heads, int64_t heads, int64_t dim, double scale,
-                 T* out, int64_t out_token_stride, int64_t out_head_stride);
+// store_kv.cpp: token t's K and V rows (`row` elements each, `stride` apart) into slot[t] of
+// caches of type `cache` (fp32, fp16, bf16: rounded to nearest even)
+void store_rows(const float* k, const float* v, int64_t stride, void* k_cache, void* v_cache,
+                at::ScalarType cache, const int32_t* slot, int64_t tokens, int64_t slots,
+                int64_t row);
+// paged_attention.cpp: the decode rows (query length 1) of each sequence, fp32 queries over
+// caches of type `cache` (fp32, fp16, bf16; read as fp32), and the op's prefill chunks (SDPA
+// per sequence; tensors, as the op takes them)
+void decode_rows(const float* q, int64_t q_token_stride, int64_t q_head_stride,
+                 const void* k_cache, const void* v_cache, at::ScalarType cache,
+                 const int32_t* tables, int64_t max_blocks, const int32_t* seq_lens,
+                 const int32_t* query_start_loc, int64_t num_seqs, int64_t block_size,
+                 int64_t kv_heads, int64_t heads, int64_t dim, double scale, float* out,
+                 int64_t out_token_stride, int64_t out_head_stride);
 void paged_prefill(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                    const at::Tensor& query_start_loc, double scale, at::Tensor& out);

@@ -17,12 +17,12 @@
 
 namespace tsllm {
 
-template <typename T>
-void decode_rows(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* k_cache,
-                 const T* v_cache, const int32_t* tables, int64_t max_blocks,
-                 const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs,
-                 int64_t block_size, int64_t kv_heads, int64_t heads, int64_t dim, double scale,
-                 T* out, int64_t out_token_stride, int64_t out_head_stride) {
+template <typename T, typename C>
+void decode_typed(const T* q, int64_t q_token_stride, int64_t q_head_stride, const C* k_cache,
+                  const C* v_cache, const int32_t* tables, int64_t max_blocks,
+                  const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs,
+                  int64_t block_size, int64_t kv_heads, int64_t heads, int64_t dim,
+                  double scale, T* out, int64_t out_token_stride, int64_t out_head_stride) {
     at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> work(decode::scratch_size(heads, dim, block_size));
         for (int64_t s = begin; s < end; ++s) {
@@ -36,10 +36,20 @@ void decode_rows(const T* q, int64_t q_token_stride, int64_t q_head_stride, cons
     });
 }
 
-template void decode_rows<float>(const float*, int64_t, int64_t, const float*, const float*,
-                                 const int32_t*, int64_t, const int32_t*, const int32_t*,
-                                 int64_t, int64_t, int64_t, int64_t, int64_t, double, float*,
-                                 int64_t, int64_t);
+void decode_rows(const float* q, int64_t q_token_stride, int64_t q_head_stride,
+                 const void* k_cache, const void* v_cache, at::ScalarType cache,
+                 const int32_t* tables, int64_t max_blocks, const int32_t* seq_lens,
+                 const int32_t* query_start_loc, int64_t num_seqs, int64_t block_size,
+                 int64_t kv_heads, int64_t heads, int64_t dim, double scale, float* out,
+                 int64_t out_token_stride, int64_t out_head_stride) {
+    with_float_type(cache, "paged_decode: the cache", [&](auto c) {
+        using C = decltype(c);
+        decode_typed(q, q_token_stride, q_head_stride, static_cast<const C*>(k_cache),
+                     static_cast<const C*>(v_cache), tables, max_blocks, seq_lens,
+                     query_start_loc, num_seqs, block_size, kv_heads, heads, dim, scale, out,
+                     out_token_stride, out_head_stride);
+    });
+}
 
 void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -51,27 +61,28 @@ void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::
     TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                 query_start_loc.scalar_type() == at::kInt && block_tables.is_contiguous(),
                 "paged_decode: block_tables, seq_lens, query_start_loc must be int32");
-    TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() &&
-                out.scalar_type() == query.scalar_type(),
-                "paged_decode: query, caches and out must share a dtype");
+    TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                out.scalar_type() == query.scalar_type() &&
+                (query.scalar_type() == k_cache.scalar_type() ||
+                 query.scalar_type() == at::kFloat),
+                "paged_decode: the caches share a dtype, out the query's, and the query is fp32 "
+                "or of the caches' dtype");
     const int64_t heads = query.size(1), dim = query.size(2);
     const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
     TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(3) == dim, "paged_decode: head shapes");
-    auto run = [&](auto zero) {
-        using scalar_t = decltype(zero);
-        decode_rows(query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
-                    k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                    block_tables.data_ptr<int32_t>(), block_tables.size(1),
-                    seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
-                    seq_lens.size(0), block_size, kv_heads, heads, dim, scale,
-                    out.data_ptr<scalar_t>(), out.stride(0), out.stride(1));
-    };
-    switch (query.scalar_type()) {
-        case at::kFloat: return run(float{});
-        case at::kHalf: return run(c10::Half{});
-        case at::kBFloat16: return run(c10::BFloat16{});
-        default: TORCH_CHECK(false, "paged_decode: fp32, fp16 or bf16 only");
-    }
+    with_float_type(query.scalar_type(), "paged_decode: the query", [&](auto zero) {
+        using T = decltype(zero);
+        with_float_type(k_cache.scalar_type(), "paged_decode: the cache", [&](auto c) {
+            using C = decltype(c);
+            decode_typed(query.data_ptr<T>(), query.stride(0), query.stride(1),
+                         static_cast<const C*>(k_cache.data_ptr()),
+                         static_cast<const C*>(v_cache.data_ptr()),
+                         block_tables.data_ptr<int32_t>(), block_tables.size(1),
+                         seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
+                         seq_lens.size(0), block_size, kv_heads, heads, dim, scale,
+                         out.data_ptr<T>(), out.stride(0), out.stride(1));
+        });
+    });
 }
 
 // Rows of query length > 1 (prefill chunks), one sequence at a time, as kernels/reference.py

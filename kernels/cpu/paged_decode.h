@@ -102,9 +102,10 @@ inline int64_t scratch_size(int64_t heads, int64_t dim, int64_t block_size) {
 }
 
 // out[h] (h < heads, at out_stride) = softmax(q[h] . K^T * scale) V over the ctx cached tokens
-// of one sequence; query head h reads KV head h / group. Blocks are visited once, whole.
-template <typename T>
-void attend(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
+// of one sequence; query head h reads KV head h / group. Blocks are visited once, whole. The
+// cache's type C may differ from the query's T (fp32 queries over a 16-bit cache).
+template <typename T, typename C>
+void attend(const T* q, int64_t q_stride, const C* k_cache, const C* v_cache,
             const int32_t* table, int64_t ctx, int64_t block_size, int64_t kv_heads,
             int64_t group, int64_t dim, float scale, T* out, int64_t out_stride, float* work) {
     const int64_t heads = kv_heads * group, token_stride = kv_heads * dim;
@@ -123,12 +124,12 @@ void attend(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
     }
     const int64_t num_blocks = (ctx + block_size - 1) / block_size;
     const int64_t block_elems = block_size * token_stride;
-    const int64_t lines = block_elems * int64_t(sizeof(T)) / 64;     // cache lines a block
+    const int64_t lines = block_elems * int64_t(sizeof(C)) / 64;     // cache lines a block
     const int64_t share = (lines + heads - 1) / heads;
     for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t n = std::min(block_size, ctx - b * block_size);
-        const T* kb = k_cache + static_cast<int64_t>(table[b]) * block_elems;
-        const T* vb = v_cache + static_cast<int64_t>(table[b]) * block_elems;
+        const C* kb = k_cache + static_cast<int64_t>(table[b]) * block_elems;
+        const C* vb = v_cache + static_cast<int64_t>(table[b]) * block_elems;
         // The next block lies elsewhere: its lines are prefetched a share per head, spread
         // over this block's work (all at once stalled on the prefetches: batch 1, ctx 190,
         // cold cache, 98 -> 63-65 us a layer; batch 64, ctx 220: 4.4-4.65 -> 3.9-4.2 ms;

@@ -1,6 +1,7 @@
 // Small fp32-accumulating vector loops shared by the CPU kernels: AVX2/FMA when the compiler
 // targets it (the build uses -march=native), plain loops otherwise. Inputs may be fp32, fp16 or
-// bf16; arithmetic is always fp32.
+// bf16; arithmetic is always fp32. `convert` narrows rows to a 16-bit KV cache with
+// round-to-nearest-even, bit for bit as torch's `.to()` (AVX-512 16 at a time, else AVX2 8).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -8,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace vec {
 
@@ -78,6 +80,63 @@ inline void axpy(float* acc, float a, const T* x, int64_t n) {
         _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(acc + i)));
 #endif
     for (; i < n; ++i) acc[i] += a * static_cast<float>(x[i]);
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+// Eight fp32 -> bf16 with round-to-nearest-even and NaN -> 0x7fc0, as c10::BFloat16 does
+// (not vcvtneps2bf16, which flushes denormals), in the low 128 bits.
+inline __m128i bf16_of8(__m256 x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    // 32-bit lanes to 16: packus works per 128-bit half, then the halves are joined
+    const __m256i packed = _mm256_packus_epi32(r, r);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m256i bf16_of16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0)));
+}
+#endif
+
+// dst[i] = src[i] rounded to TC (fp32, fp16 or bf16; fp32 sources vectorized)
+template <typename TI, typename TC>
+inline void convert(const TI* src, TC* dst, int64_t n) {
+    int64_t i = 0;
+    if constexpr (std::is_same_v<TI, float> && std::is_same_v<TC, c10::BFloat16>) {
+        auto* out = reinterpret_cast<uint16_t*>(dst);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                                bf16_of16(_mm512_loadu_ps(src + i)));
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bf16_of8(_mm256_loadu_ps(src + i)));
+#endif
+    } else if constexpr (std::is_same_v<TI, float> && std::is_same_v<TC, c10::Half>) {
+        auto* out = reinterpret_cast<uint16_t*>(dst);
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    }
+    for (; i < n; ++i) dst[i] = static_cast<TC>(static_cast<float>(src[i]));
 }
 
 // x[i] *= a
