@@ -131,6 +131,8 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in (self.k_cache, self.v_cache):     # every layer at once
+            if cache.element_size() == 1:      # fp8: index ops are not implemented for it
+                cache = cache.view(torch.uint8)
             cache.index_copy_(1, dst, cache.index_select(1, src))
 
     def _score_samples(self, logits: torch.Tensor, seqs: list[Sequence],

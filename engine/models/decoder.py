@@ -57,11 +57,11 @@ class Linear(torch.nn.Linear):
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None) -> None:
         """Replace the weight by its packed form (in ``arena``) where the compiled kernels
-        apply: the stored format, else the dense fp32 weight, quantized first if asked.
-        Elsewhere the weight stays (or becomes) dense: the reference computes on the same
-        values."""
+        apply: the stored format, else the dense weight in its dtype (fp32, bf16, fp16; fp32
+        quantized first if asked). Elsewhere the weight stays (or becomes) dense: the
+        reference computes on the same values."""
         source = self.stored
-        if source is None and self.weight.dtype == torch.float32:
+        if source is None:
             source = self.weight
             if quantization is not None:
                 source = kernels.quantize(self.weight, quantization.bits,
@@ -142,8 +142,8 @@ class MLP(torch.nn.Module):
 
 class DecoderLayer(torch.nn.Module):
     """Pre-norm attention + gated MLP, module by module. Once ``pack`` has packed its weights
-    (fp32 on CPU), the model runs it inside one compiled call for all layers
-    (``kernels.bind_decoder``), with the same arithmetic."""
+    (on CPU, in their format), the model runs it inside one compiled call for all layers
+    (``kernels.bind_decoder``), with the same arithmetic in fp32 activations."""
 
     def __init__(self, spec: DecoderSpec, rope: RotaryEmbedding) -> None:
         super().__init__()
@@ -154,19 +154,21 @@ class DecoderLayer(torch.nn.Module):
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None
              ) -> tuple[list, list[torch.Tensor | None]] | None:
-        """Pack the linear layers; their weights and extras for ``kernels.bind_decoder``, or
-        None where the compiled kernels do not apply."""
+        """Pack the linear layers; their weights and extras (norms and biases in fp32, as the
+        compiled call computes) for ``kernels.bind_decoder``, or None where the compiled
+        kernels do not apply."""
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         for linear in linears:
             linear.pack(arena, quantization)
         if any(linear.packed is None for linear in linears):
             return None
-        weights = [self.input_layernorm.weight, attn.qkv_proj.packed, attn.o_proj.packed,
-                   self.post_attention_layernorm.weight, mlp.gate_up_proj.packed,
+        weights = [self.input_layernorm.weight.float(), attn.qkv_proj.packed, attn.o_proj.packed,
+                   self.post_attention_layernorm.weight.float(), mlp.gate_up_proj.packed,
                    mlp.down_proj.packed]
         norms = [None if n is None else n.weight for n in (attn.q_norm, attn.k_norm)]
-        extras = [linear.bias for linear in linears] + norms
+        extras = [None if t is None else t.float()
+                  for t in [linear.bias for linear in linears] + norms]
         return weights, extras
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor,
@@ -207,7 +209,7 @@ class DecoderModel(torch.nn.Module):
         a = self.attentions[0]
         self.compiled = kernels.bind_decoder(
             embed, [w for part in parts for w in part[0]],
-            [e for part in parts for e in part[1]], self.norm.weight,
+            [e for part in parts for e in part[1]], self.norm.weight.float(),
             (self.rope.cos, self.rope.sin), self.norm.eps, a.scale,
             (a.num_heads, a.num_kv_heads, a.head_dim))
         self.embed_table = embed
