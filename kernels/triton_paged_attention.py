@@ -9,6 +9,9 @@ decode contexts may be split across programs (flash-decoding) and merged by log-
 second kernel. Only the tile shape and dtypes are compiled in; group, block size, head size and
 split count are runtime values, so the binaries are few and all checked by
 ``kernels/triton_variants.py`` (``plan_attention`` is the one place that picks them).
+An fp8 (e4m3) cache comes as bytes (``kernels/triton_fp8.py``), widened exactly to the query's
+16-bit dtype for ``tl.dot``; its scales (and e4m3's 2^8) fold into the score scale and the
+output.
 Importing this module imports triton; ``kernels/__init__.py`` only does so when it is used.
 """
 import functools
@@ -19,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import FP8
+from kernels.triton_fp8 import E4M3_UNIT, from_e4m3
 from kernels.triton_launch import Launch, check_aligned, check_head_dim
 
 # The interpreter's tl.dot is wrong on bf16 inputs; on a GPU the cache dtype feeds the tensor cores.
@@ -34,7 +39,7 @@ _MAX_SPLITS = 32
                                "block_shift", "stride_ls", "stride_lt", "stride_bt"])
 def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, block_tables_ptr, seq_lens_ptr,
                       query_start_loc_ptr, num_seqs, group, group_shift, block_q_shift,
-                      block_shift, head_dim, scale_log2,
+                      block_shift, head_dim, scale_log2, v_mult,
                       stride_qt, stride_qh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
                       stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                       stride_bt,
@@ -77,7 +82,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, block_tables_ptr, seq
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    else:
+    elif k_ptr.dtype.element_ty != tl.uint8:        # fp8 caches widen to the query's dtype
         q = q.to(k_ptr.dtype.element_ty)
 
     # This tile's causal horizon, cut into equal BLOCK_N-aligned parts, one per split.
@@ -103,7 +108,10 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, block_tables_ptr, seq
                       mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + dims[None, :],
                     mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
-        if DOT_FP32:
+        if k_ptr.dtype.element_ty == tl.uint8:
+            k_t = from_e4m3(k_t).to(q.dtype)
+            v = from_e4m3(v).to(q.dtype)
+        elif DOT_FP32:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k_t, input_precision="ieee") * scale_log2
@@ -116,6 +124,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, block_tables_ptr, seq
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if k_ptr.dtype.element_ty == tl.uint8:
+        out = out * v_mult
     o_ptrs = (o_ptr + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh
               + dims[None, :])
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -168,7 +178,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def tile_config(dtype: torch.dtype, dim_p: int, decode: bool) -> tuple[int, int, dict]:
-    """(ROWS, BLOCK_N, options) of one program: query rows (tokens x padded group heads) and
+    """(ROWS, BLOCK_N, options) of one program for ``dtype`` dots (an fp8 cache's are the
+    query's): query rows (tokens x padded group heads) and
     K/V positions per loop step, sized so no fp16/bf16 tile spills registers (docs/kernels.md).
     Decode tiles have the 16 rows ``tl.dot`` needs at the least. fp32 has no tensor-core dot
     (``ieee`` precision runs on FMA units): its prefill and decode tiles are one small tile."""
@@ -182,9 +193,10 @@ def tile_config(dtype: torch.dtype, dim_p: int, decode: bool) -> tuple[int, int,
 
 def plan_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   query_start_loc: torch.Tensor, scale: float, *,
-                   num_kv_splits: int | None = None, block_q: int | None = None,
-                   num_sms: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+                   query_start_loc: torch.Tensor, scale: float, k_scale: float = 1.0,
+                   v_scale: float = 1.0, *, num_kv_splits: int | None = None,
+                   block_q: int | None = None, num_sms: int | None = None
+                   ) -> tuple[list[Launch], torch.Tensor]:
     """The launches that compute ``paged_attention_triton`` (attention, then the merge when
     split), and the output they write. Allocates the output and split buffers only."""
     num_tokens, num_heads, head_dim = query.shape
@@ -206,7 +218,15 @@ def plan_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     group_p = triton.next_power_of_2(group)
     dim_p = triton.next_power_of_2(head_dim)
     decode = num_tokens == num_seqs
-    rows, block_n, options = tile_config(k_cache.dtype, dim_p, decode)
+    fp8 = k_cache.dtype == FP8
+    assert not fp8 or query.dtype in (torch.float16, torch.bfloat16), \
+        "an fp8 cache takes fp16 or bf16 queries"
+    if fp8:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        scale, v_mult = scale * k_scale * E4M3_UNIT, v_scale * E4M3_UNIT
+    else:
+        v_mult = 1.0
+    rows, block_n, options = tile_config(query.dtype if fp8 else k_cache.dtype, dim_p, decode)
     if block_q is None:
         block_q = max(1, rows // group_p)
     assert block_q & (block_q - 1) == 0, "block_q must be a power of two"
@@ -233,6 +253,7 @@ def plan_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         query_start_loc_ptr=query_start_loc, num_seqs=num_seqs, group=group,
         group_shift=_log2(group_p), block_q_shift=_log2(block_q),
         block_shift=_log2(block_size), head_dim=head_dim, scale_log2=scale * _LOG2E,
+        v_mult=v_mult,
         stride_qt=query.stride(0), stride_qh=query.stride(1), stride_os=stride_os,
         stride_ot=target.stride(-3), stride_oh=target.stride(-2),
         stride_ls=num_tokens * num_heads, stride_lt=num_heads,
@@ -257,16 +278,16 @@ def _log2(n: int) -> int:
 
 def paged_attention_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           query_start_loc: torch.Tensor, scale: float, *,
-                           num_kv_splits: int | None = None,
+                           query_start_loc: torch.Tensor, scale: float, k_scale: float = 1.0,
+                           v_scale: float = 1.0, *, num_kv_splits: int | None = None,
                            block_q: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged K/V; returns query's shape.
 
     ``num_kv_splits`` and ``block_q`` override the heuristics (tests use them to force paths).
     """
     launches, out = plan_attention(query, k_cache, v_cache, block_tables, seq_lens,
-                                   query_start_loc, scale, num_kv_splits=num_kv_splits,
-                                   block_q=block_q)
+                                   query_start_loc, scale, k_scale, v_scale,
+                                   num_kv_splits=num_kv_splits, block_q=block_q)
     for launch in launches:
         launch()
     return out

@@ -61,6 +61,48 @@ def test_half_precision_caches(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got.float(), dense_attention(**batch).float(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("cache", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (8, 2, 80, 32),
+                                                           (6, 2, 36, 16), (5, 5, 128, 8)])
+def test_fp32_queries_over_16_bit_caches(cache: torch.dtype, heads: int, kv_heads: int,
+                                         dim: int, block_size: int) -> None:
+    """The compiled decoder's case: fp32 queries, K/V read from a 16-bit cache as fp32;
+    decode rows beside prefill chunks (with and without a cached prefix), odd lengths, GQA."""
+    pairs = [(1, 1), (1, block_size + 1), (7, 7), (1, 3 * block_size - 1), (5, 40), (1, 200)]
+    batch = make_batch(pairs, heads, kv_heads, dim, block_size, torch.float32, seed=dim,
+                       cache_dtype=cache)
+    got = _cpu()[0](**batch)
+    assert got.dtype == torch.float32
+    # the same values in fp32 on both sides: only the summation order differs
+    torch.testing.assert_close(got, paged_attention_reference(**batch), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, dense_attention(**batch), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row", [(3, 64), (2, 37), (1, 8)])
+def test_store_rounds_to_the_cache_dtype_as_torch(cache: torch.dtype, source: torch.dtype,
+                                                  row: tuple[int, int]) -> None:
+    """Rows rounded to nearest even, bit for bit as the reference's ``.to()``, through the
+    vector path and its tail: halfway cases, values past the 16-bit range, infinities,
+    subnormals; NaN stays NaN."""
+    gen = torch.Generator().manual_seed(row[1])
+    key = (torch.randn(9, *row, generator=gen) * 100).to(source)
+    value = torch.randn(9, *row, generator=gen).to(source)
+    flat = key.view(-1)
+    specials = [1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 70000.0, -1e39, float("inf"),
+                1e-40, -3e-8, float("nan"), 65519.0]
+    flat[:len(specials)] = torch.tensor(specials).to(source)
+    slots = torch.tensor([5, -1, 17, 0, 63, 2, 9, -1, 33], dtype=torch.int32)
+    ours = [torch.zeros(4, 16, *row, dtype=cache) for _ in range(2)]
+    ref = [t.clone() for t in ours]
+    _cpu()[1](key, value, *ours, slots)
+    store_kv_reference(key, value, *ref, slots)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=0, rtol=0, equal_nan=True)
+        assert o.isnan().sum() == r.isnan().sum()
+
+
 def test_large_scores_stay_finite() -> None:
     # softmax over scores in the hundreds: the online max must keep every exp in range
     batch = make_batch([(1, 70), (1, 3)], 4, 2, 64, 16, torch.float32, seed=3)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from paged_batch import dense_attention, make_batch
 
-from kernels.reference import paged_attention_reference
+from kernels.reference import FP8, paged_attention_reference
 from kernels.triton_paged_attention import choose_num_kv_splits, paged_attention_triton
 
 # Both sides accumulate in fp32; the tolerance covers exp2 vs exp and one rounding of the output.
@@ -121,3 +121,28 @@ def test_int64_metadata() -> None:
             for k, v in batch.items()}
     torch.testing.assert_close(paged_attention_triton(**wide), dense_attention(**batch),
                                **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,splits,scales", [(1, 1, (1.0, 1.0)), (4, 1, (0.5, 3.0)),
+                                                 (5, 3, (2.0, 0.25))])
+def test_fp8_cache(dtype: torch.dtype, group: int, splits: int,
+                   scales: tuple[float, float]) -> None:
+    """fp8 (e4m3) K/V with per-tensor scales under 16-bit queries: prefill chunks, decode rows,
+    GQA, split KV. The oracle and the reference read the same e4m3 values in fp32."""
+    batch = make_batch(MIXED, num_heads=2 * group, num_kv_heads=2, head_dim=48, block_size=16,
+                       dtype=dtype, seed=group, cache_dtype=FP8, scales=scales)
+    check(batch, dtype, num_kv_splits=splits)
+
+
+def test_fp8_cache_on_the_native_dot_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a GPU: e4m3 widened to fp16 and fed to tl.dot (the interpreter's fp16 dot is
+    right), the scales folded into the score scale and the output."""
+    import kernels.triton_paged_attention as module
+    monkeypatch.setattr(module, "_DOT_FP32", False)
+    batch = make_batch(MIXED, num_heads=4, num_kv_heads=1, head_dim=32, block_size=16,
+                       dtype=torch.float16, seed=8, cache_dtype=FP8, scales=(0.7, 1.3))
+    oracle = dense_attention(**batch)
+    for splits in (1, 2):
+        out = paged_attention_triton(**batch, num_kv_splits=splits)
+        torch.testing.assert_close(out, oracle, atol=4e-3, rtol=4e-3)

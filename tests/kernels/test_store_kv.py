@@ -3,7 +3,7 @@ import pytest
 import torch
 from paged_batch import DEVICE
 
-from kernels.reference import store_kv_reference
+from kernels.reference import FP8, store_kv_reference
 from kernels.triton_store_kv import store_kv_triton
 
 
@@ -60,3 +60,30 @@ def test_store_kv_all_skipped_and_empty() -> None:
     store_kv_triton(key[:0], key[:0], cache, cache, torch.zeros(0, dtype=torch.int32,
                                                                 device=DEVICE))
     assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.37, 2.5)])
+def test_store_kv_fp8_matches_the_reference_bit_for_bit(source: torch.dtype,
+                                                        scales: tuple[float, float]) -> None:
+    """e4m3 with per-tensor scales: round to nearest even (ties, subnormals), saturation at
+    +-448 (not NaN), signed zeros, NaN kept."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, kv_heads, dim = 11, 2, 48
+    key = torch.randn(num_tokens, kv_heads, dim, generator=gen) * 30
+    specials = [449.0, 464.0, 480.0, 1e9, -1e9, float("inf"), 2 ** -7, 2 ** -10, 1.5 * 2 ** -9,
+                2.5 * 2 ** -9, 0.99 * 2 ** -6, 0.0, -0.0, 1.0625, 1.1875, 1e-30, float("nan"),
+                3 * 2 ** -10, -300.0]
+    key.view(-1)[:len(specials)] = torch.tensor(specials) * scales[0]
+    value = torch.randn(num_tokens, kv_heads, dim, generator=gen)
+    key, value = key.to(source).to(DEVICE), value.to(source).to(DEVICE)
+    slots = torch.randperm(64, generator=gen)[:num_tokens]
+    slots[2] = -1
+    caches = [torch.zeros(4, 16, kv_heads, dim, dtype=FP8, device=DEVICE) for _ in range(4)]
+    store_kv_reference(key, value, caches[0], caches[1], slots.to(DEVICE), *scales)
+    store_kv_triton(key, value, caches[2], caches[3], slots.to(DEVICE, torch.int32), *scales)
+    for ref, out in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ref.view(torch.uint8), out.view(torch.uint8))
+    bytes_ = caches[0].view(torch.uint8).view(-1, kv_heads, dim)[slots[0]]
+    assert (bytes_ & 0x7F).max() == 0x7F                        # the NaN
+    assert ((bytes_ & 0x7F) == 0x7E).sum() >= 5                 # 448: saturated, not NaN
