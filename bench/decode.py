@@ -41,6 +41,7 @@ from bench.engine_decode import run_engine
 from bench.metrics import SystemResult, machine, write_report
 from bench.models import ROOT, add_model_arg, resolve
 from bench.workload import Request, make_workload
+from engine.config import DTYPES, KV_CACHE_DTYPES
 
 
 def stream_probe(total_bytes: int = 256 << 20, repeats: int = 3) -> Callable[[], float] | None:
@@ -87,11 +88,11 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def weight_bytes_per_token(model_path: Path) -> int:
+def weight_bytes_per_token(model_path: Path, dtype: str = "float32") -> int:
     """Bytes of every weight a decode step reads, in the format it is served in (a tied
     embedding once, as the lm_head; an untied table's few looked-up rows not at all)."""
     from engine.models import load_model
-    model = load_model(str(model_path), torch.float32, "cpu", 2)
+    model = load_model(str(model_path), getattr(torch, dtype), "cpu", 2)
     model.pack()
     total = 0
     for name, module in model.named_modules():
@@ -276,6 +277,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="compute threads, each side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", help="our kernels backend (auto, reference)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="our weights' dtype (a Hugging Face checkpoint)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--no-llama", action="store_true", help="our side only (no llama.cpp)")
     p.add_argument("--no-serve", action="store_true", help="skip the served comparison")
     p.add_argument("--profile-dir", type=Path, help="torch.profiler tables of decode steps")
@@ -300,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["memory"] = load_memory(model_path)
     sum_gbs, probe = torch_sum_gbs(), stream_probe()
     ours = run_engine(model_path, batches, args.prompt_len, args.gen_len, args.threads,
-                      args.backend, args.seed, args.profile_dir, probe)
+                      args.backend, args.seed, args.profile_dir, probe, args.dtype,
+                      args.kv_cache_dtype)
     del probe       # its 256 MiB
     peer, report["llama_batched_bench_command"] = [], None
     if bin_dir is not None:
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["in_process"] = in_process_table(ours, peer)
     report["engine_rows"], report["llama_rows"] = ours, peer
     b1 = next((o for o in ours if o["batch"] == 1), None)
-    report["floor"] = floor(weight_bytes_per_token(model_path), b1, sum_gbs)
+    report["floor"] = floor(weight_bytes_per_token(model_path, args.dtype), b1, sum_gbs)
 
     if not args.no_serve:
         from engine.models import read_config

@@ -19,7 +19,8 @@ from engine import LLMEngine, SamplingParams
 
 
 def make_engine(model_path: Path, batches: list[int], prompt_len: int, gen_len: int,
-                threads: int, backend: str) -> LLMEngine:
+                threads: int, backend: str, dtype: str = "float32",
+                kv_cache_dtype: str = "auto") -> LLMEngine:
     """One engine sized for the largest batch: a KV pool that never preempts, one prefill step."""
     block_size = 16
     per_seq = -(-(prompt_len + gen_len) // block_size)
@@ -27,7 +28,8 @@ def make_engine(model_path: Path, batches: list[int], prompt_len: int, gen_len: 
                      max_num_seqs=max(batches),
                      max_num_batched_tokens=max(512, max(batches) * prompt_len),
                      enable_prefix_caching=False, num_threads=threads,
-                     attention_backend=backend, dtype="float32", device="cpu")
+                     attention_backend=backend, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                     device="cpu")
 
 
 def run_batch(llm: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed: int,
@@ -81,21 +83,22 @@ def _profile(llm: LLMEngine, batch: int, out_dir: Path, steps: int = 3) -> None:
 
 def run_engine(model_path: Path, batches: list[int], prompt_len: int, gen_len: int,
                threads: int, backend: str = "auto", seed: int = 0,
-               profile_dir: Path | None = None, probe: Callable[[], float] | None = None
-               ) -> list[dict]:
+               profile_dir: Path | None = None, probe: Callable[[], float] | None = None,
+               dtype: str = "float32", kv_cache_dtype: str = "auto") -> list[dict]:
     """Every batch size in turn on one engine (after a short warm-up); ``probe`` (see
     ``run_batch``) runs between the batch-1 decode steps."""
     caller, caller_backend = torch.get_num_threads(), kernels.get_backend()
     kernels.set_backend(backend)
     try:
-        llm = make_engine(model_path, batches, prompt_len, gen_len, threads, backend)
+        llm = make_engine(model_path, batches, prompt_len, gen_len, threads, backend, dtype,
+                          kv_cache_dtype)
         llm.generate([[5] * 8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                      use_tqdm=False)
         rows = []
         for b in batches:
             rows.append(run_batch(llm, b, prompt_len, gen_len, seed, profile_dir,
                                   probe if b == 1 else None))
-            print(f"engine ({backend}) batch {b}: prefill {rows[-1]['prefill_tok_s']:.0f} tok/s, "
+            print(f"engine ({backend}, {dtype}, cache {kv_cache_dtype}) batch {b}: prefill {rows[-1]['prefill_tok_s']:.0f} tok/s, "
                   f"decode {rows[-1]['decode_tok_s']:.1f} tok/s (TPOT {rows[-1]['tpot_ms']:.1f} ms)",
                   flush=True)
         assert llm.allocator.num_free == llm.allocator.num_blocks

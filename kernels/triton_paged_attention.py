@@ -177,17 +177,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tile_config(dtype: torch.dtype, dim_p: int, decode: bool) -> tuple[int, int, dict]:
-    """(ROWS, BLOCK_N, options) of one program for ``dtype`` dots (an fp8 cache's are the
+def tile_config(dtype: torch.dtype, dim_p: int, decode: bool, fp8: bool = False
+                ) -> tuple[int, int, dict]:
+    """(ROWS, BLOCK_N, options) of one program for ``dtype`` dots (an ``fp8`` cache's are the
     query's): query rows (tokens x padded group heads) and
-    K/V positions per loop step, sized so no fp16/bf16 tile spills registers (docs/kernels.md).
+    K/V positions per loop step, sized so no fp16/bf16 tile spills registers (docs/kernels.md;
+    fp8 decode tiles of 64 positions spilled 8 bytes on sm_80 at head size 64: 32 do not).
     Decode tiles have the 16 rows ``tl.dot`` needs at the least. fp32 has no tensor-core dot
     (``ieee`` precision runs on FMA units): its prefill and decode tiles are one small tile."""
     if dtype == torch.float32:
         return 16, 32, {"num_warps": 4 if dim_p <= 64 else 8}
     block_n = 64 if dim_p <= 128 else 32
     if decode:
-        return 16, block_n, {"num_warps": 4}
+        return 16, 32 if fp8 else block_n, {"num_warps": 4}
     return 64, block_n, {"num_warps": 4 if dim_p <= 64 else 8}
 
 
@@ -226,7 +228,8 @@ def plan_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         scale, v_mult = scale * k_scale * E4M3_UNIT, v_scale * E4M3_UNIT
     else:
         v_mult = 1.0
-    rows, block_n, options = tile_config(query.dtype if fp8 else k_cache.dtype, dim_p, decode)
+    rows, block_n, options = tile_config(query.dtype if fp8 else k_cache.dtype, dim_p, decode,
+                                         fp8)
     if block_q is None:
         block_q = max(1, rows // group_p)
     assert block_q & (block_q - 1) == 0, "block_q must be a power of two"

@@ -1,8 +1,8 @@
 """Every Triton kernel variant the engine can launch, compiled for real GPU targets without one.
 
 The variants come from the launch planners themselves (``plan_attention``, ``plan_store_kv``)
-applied to every engine shape: cache dtype x accepted head size x block size x GQA group 1-8 x
-batch kind (prefill, decode, decode split across KV with its merge). Plans that specialize alike
+applied to every engine shape: cache dtype (the model's, or fp8 e4m3 under a 16-bit model) x
+accepted head size x block size x GQA group 1-8 x batch kind (prefill, decode, decode split across KV with its merge). Plans that specialize alike
 are one binary. Each binary is compiled per target by ``triton.compile`` with the ptxas in the
 triton wheel; the ptxas log Triton itself produces gives registers and spills, Triton's metadata
 the shared memory. Results are cached by kernel source, triton version, specialization and
@@ -32,11 +32,15 @@ from pathlib import Path
 import torch
 import triton
 
+from kernels.reference import FP8
 from kernels.triton_launch import MAX_HEAD_DIM, Specialization
 from kernels.triton_paged_attention import plan_attention
 from kernels.triton_store_kv import plan_store_kv
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# name -> (query dtype, cache dtype): caches of the model's dtype, and fp8 under 16-bit models
+CACHES = {**{name: (dtype, dtype) for name, dtype in DTYPES.items()},
+          "fp8/fp16": (torch.float16, FP8), "fp8/bf16": (torch.bfloat16, FP8)}
 HEAD_DIMS = tuple(range(16, MAX_HEAD_DIM + 1, 16))
 BLOCK_SIZES = (16, 32)
 GROUPS = tuple(range(1, 9))
@@ -72,7 +76,8 @@ class Variant:
         return TARGETS[self.target][2]
 
 
-def _batch(kind: str, dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> dict:
+def _batch(kind: str, dtypes: tuple[torch.dtype, torch.dtype], head_dim: int, block_size: int,
+           group: int) -> dict:
     """A batch of this kind as the engine lays it out: queries are a view of fused qkv."""
     shapes = {"prefill": ([3, 1], [10, 20]),            # a prompt chunk next to a decode row
               "decode": ([1] * 80, [20] * 80),           # enough programs to fill the device
@@ -80,8 +85,8 @@ def _batch(kind: str, dtype: torch.dtype, head_dim: int, block_size: int, group:
     q_lens, seq_lens = shapes[kind]
     num_heads = group * NUM_KV_HEADS
     width = -(-max(seq_lens) // block_size)
-    qkv = torch.empty(sum(q_lens), (num_heads + 2 * NUM_KV_HEADS) * head_dim, dtype=dtype)
-    cache = torch.empty(2, block_size, NUM_KV_HEADS, head_dim, dtype=dtype)
+    qkv = torch.empty(sum(q_lens), (num_heads + 2 * NUM_KV_HEADS) * head_dim, dtype=dtypes[0])
+    cache = torch.empty(2, block_size, NUM_KV_HEADS, head_dim, dtype=dtypes[1])
     starts = [0, *itertools.accumulate(q_lens)]
     return dict(query=qkv[:, :num_heads * head_dim].view(-1, num_heads, head_dim),
                 k_cache=cache, v_cache=cache.clone(),
@@ -94,10 +99,10 @@ def _batch(kind: str, dtype: torch.dtype, head_dim: int, block_size: int, group:
 def _plans(target: str) -> Iterator[tuple[str, str, int, int, int, Specialization]]:
     """(kind, dtype, head_dim, block_size, group, specialization) of every launch."""
     num_sms = TARGETS[target][1]
-    for (name, dtype), head_dim, block_size in itertools.product(DTYPES.items(), HEAD_DIMS,
-                                                                BLOCK_SIZES):
+    for (name, dtypes), head_dim, block_size in itertools.product(CACHES.items(), HEAD_DIMS,
+                                                                 BLOCK_SIZES):
         for group, kind in itertools.product(GROUPS, ("prefill", "decode", "decode-split")):
-            batch, qkv = _batch(kind, dtype, head_dim, block_size, group)
+            batch, qkv = _batch(kind, dtypes, head_dim, block_size, group)
             launches, _ = plan_attention(**batch, num_sms=num_sms)
             split = len(launches) > 1
             assert split == (kind == "decode-split"), f"{kind} batch planned split={split}"
@@ -199,7 +204,7 @@ def compile_all(targets: list[str], workers: int = 2) -> list[Variant]:
 
 def problems(results: list[Variant]) -> list[str]:
     """What fails the check: compile errors, shared memory over the target's limit, and spills
-    in fp16/bf16 attention for the padded head sizes of 64 and 128."""
+    in fp16/bf16/fp8 attention for the padded head sizes of 64 and 128."""
     out = []
     for v in results:
         name = f"{v.kernel} {'+'.join(v.kinds)} {v.dtype} DIM_P={v.constexprs['DIM_P']} {v.target}"
@@ -208,7 +213,7 @@ def problems(results: list[Variant]) -> list[str]:
             continue
         if v.shared_bytes > v.shared_limit:
             out.append(f"{name}: {v.shared_bytes} B shared > {v.shared_limit}")
-        if (v.kernel == "attention_kernel" and v.dtype in ("fp16", "bf16")
+        if (v.kernel == "attention_kernel" and v.dtype != "fp32"
                 and v.constexprs["DIM_P"] in (64, 128) and v.spill_stores):
             out.append(f"{name}: {v.spill_stores} B spill stores ({v.registers} registers)")
     return out
@@ -248,10 +253,11 @@ Generated by `python -m kernels.triton_variants --markdown docs/kernels.md` (tri
 ptxas from the triton wheel, no GPU needed); `tests/kernels/test_compile.py` compiles the same
 variants in CI and fails when this table is stale, on a compile error, on shared memory over the
 target's per-block limit (sm_90 232448 B, sm_80 166912 B), or on register spills in fp16/bf16
-attention for head sizes padded to 64 or 128.
+and fp8-cache attention for head sizes padded to 64 or 128.
 
 Variants come from the launch planners (`plan_attention`, `plan_store_kv`) applied to every
-engine shape: cache dtypes fp16/bf16/fp32, head sizes {head_dims} (multiples of 16; others are
+engine shape: cache dtypes fp16/bf16/fp32 (the model's) and fp8 e4m3 under fp16 or bf16 queries
+(`fp8/fp16`, `fp8/bf16`: the cache passed as bytes, widened to the query's dtype), head sizes {head_dims} (multiples of 16; others are
 refused by the Triton path), block sizes {block_sizes}, GQA groups {groups}, and batches of three
 kinds (prefill chunk beside decode rows, a full decode batch, a small decode batch over a long
 context that splits the KV across programs and merges them). Group size, block size and the

@@ -31,8 +31,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path
 
 
 def test_every_variant_compiles_within_limits(compiled) -> None:
-    """No compile error, shared memory within the target's limit, no fp16/bf16 spills at head
-    sizes 64 and 128 (the tool's own check, printed as FAIL lines)."""
+    """No compile error, shared memory within the target's limit, no fp16/bf16/fp8 spills at
+    head sizes 64 and 128 (the tool's own check, printed as FAIL lines)."""
     variants, _, stdout = compiled
     assert "FAIL" not in stdout, stdout
     assert {v["target"] for v in variants} == {"sm_90", "sm_80"}
@@ -50,7 +50,7 @@ def test_variants_cover_the_engine_grid(compiled) -> None:
     variants, _, _ = compiled
     for target in ("sm_90", "sm_80"):
         mine = [v for v in variants if v["target"] == target]
-        for dtype in ("fp16", "bf16", "fp32"):
+        for dtype in ("fp16", "bf16", "fp32", "fp8/fp16", "fp8/bf16"):
             for kind in ("prefill", "decode", "decode-split", "merge", "store"):
                 found = [v for v in mine if v["dtype"] == dtype and kind in v["kinds"]]
                 heads = sorted(h for v in found for h in v["head_dims"])
@@ -76,14 +76,14 @@ known = {spec.key() for _, spec in tv.variants(["sm_90"])}
 rng = random.Random(0)
 checked = 0
 for _ in range(60):
-    dtype = rng.choice(list(tv.DTYPES.values()))
+    dtype, cache_dtype = rng.choice(list(tv.CACHES.values()))
     kvh, group, d = rng.choice([1, 3, 8]), rng.randint(1, 8), rng.choice(tv.HEAD_DIMS)
     bs = rng.choice([8, 16, 32, 64])
     q_lens = [rng.choice([1, 1, 1, 7, 40]) for _ in range(rng.randint(1, 70))]
     seq_lens = [q + rng.randint(0, 3000) for q in q_lens]
     h = kvh * group
     qkv = torch.empty(sum(q_lens), (h + 2 * kvh) * d, dtype=dtype)
-    cache = torch.empty(3, bs, kvh, d, dtype=dtype)
+    cache = torch.empty(3, bs, kvh, d, dtype=cache_dtype)
     width = max(-(-s // bs) for s in seq_lens)
     launches, _ = plan_attention(qkv[:, :h * d].view(-1, h, d), cache, cache,
                                  torch.zeros(len(q_lens), width, dtype=torch.int32),

@@ -1,6 +1,7 @@
 """The compiled CPU kernels against the PyTorch reference and a dense oracle: paged decode
 attention (mixed with prefill chunks, GQA groups, head sizes off the vector width, fp16/bf16,
-blocks in random places), the KV store (skipped slots, int32 and int64 slots) and the packed
+fp32 queries over fp16/bf16 caches, blocks in random places), the KV store (skipped slots,
+int32 and int64 slots, rounding to fp16/bf16 caches bit for bit; fp8 left to the reference) and the packed
 linear layer (every row count of the micro-kernel's tiles, one row over groups of four panels
 and the panels left over, partial panels, bias), the logits scans (argmax with ties, NaN and
 infinities; finiteness); plus the build cache and the fallback when no compiler is found."""
@@ -101,6 +102,21 @@ def test_store_rounds_to_the_cache_dtype_as_torch(cache: torch.dtype, source: to
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r, atol=0, rtol=0, equal_nan=True)
         assert o.isnan().sum() == r.isnan().sum()
+
+
+def test_fp8_caches_take_the_reference() -> None:
+    """The compiled kernels have no e4m3 path (the engine refuses fp8 on CPU); called with an
+    fp8 cache the CPU entry points give the reference's answer."""
+    from kernels.reference import FP8
+    batch = make_batch([(1, 40), (3, 20)], 4, 2, 32, 16, torch.float32, seed=4,
+                       cache_dtype=FP8, scales=(0.5, 2.0))
+    torch.testing.assert_close(_cpu()[0](**batch), paged_attention_reference(**batch))
+    key = torch.randn(3, 2, 32)
+    ours = [torch.zeros(2, 16, 2, 32, dtype=FP8) for _ in range(4)]
+    _cpu()[1](key, key, ours[0], ours[1], torch.tensor([4, -1, 9]), 0.5, 2.0)
+    store_kv_reference(key, key, ours[2], ours[3], torch.tensor([4, -1, 9]), 0.5, 2.0)
+    assert torch.equal(ours[0].view(torch.uint8), ours[2].view(torch.uint8))
+    assert torch.equal(ours[1].view(torch.uint8), ours[3].view(torch.uint8))
 
 
 def test_large_scores_stay_finite() -> None:
