@@ -43,6 +43,12 @@ class Quantization:
     bits: int
     group_size: int
 
+    @property
+    def head(self) -> "Quantization":
+        """The output head's (a tied embedding's too): 8 bits where the layers get 4, as
+        llama.cpp's Q4_0 files keep it at Q8_0; the head is the most sensitive matrix."""
+        return Quantization(max(self.bits, 8), self.group_size)
+
 
 class Linear(torch.nn.Linear):
     """``nn.Linear`` whose weight comes dense (``weight``) or in a stored format (``stored``:
@@ -251,16 +257,16 @@ class CausalLM(torch.nn.Module):
 
     def pack(self, quantization: Quantization | None = None) -> None:
         """Pack every linear layer's weight for the compiled CPU kernels (after loading), back
-        to back in huge pages in the order a step reads them. A tied embedding table is the
-        head's packed weight; an untied one is packed in its own format (never quantized at
-        load). Where the kernels do not apply, stored formats become dense weights."""
+        to back in huge pages in the order a step reads them. The head is quantized at
+        ``quantization.head``; a tied embedding table is the head's packed weight, an untied
+        one is packed in its own format (never quantized at load). Where the kernels do not apply, stored formats become dense weights."""
         arena = kernels.HugePageArena()
         embed = self.model.embed_tokens
         stored_embed = getattr(embed, "stored", None)
         parts = self.model.pack(arena, quantization)
         if self.spec.tie_word_embeddings and stored_embed is not None:
             self.lm_head.stored = stored_embed
-        self.lm_head.pack(arena, quantization)
+        self.lm_head.pack(arena, None if quantization is None else quantization.head)
         if self.spec.tie_word_embeddings:
             table = self.lm_head.packed
         else:
