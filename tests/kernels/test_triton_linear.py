@@ -1,4 +1,5 @@
-"""Triton weight-only linear layers (kernels/triton_linear.py) on CPU under the interpreter:
+"""Triton weight-only linear layers (kernels/triton_linear.py), on CPU under the interpreter
+(on CUDA with TRITON_INTERPRET=0, as scripts/gpu_check.sh runs them):
 every format of lanes against ``Lanes.dequantize`` + a float64 matmul, on odd shapes, in each
 row class (gemv, decode, prefill), split across inputs or not, with and without bias, fp16 /
 bf16 / fp32 activations; the embedding lookup exact; the dispatch choosing it. The engine on
@@ -7,6 +8,7 @@ import gguf
 import pytest
 import torch
 from gguf_files import random_blocks
+from paged_batch import DEVICE
 
 import kernels
 from kernels import Lanes
@@ -45,8 +47,8 @@ FORMATS = {
 
 def check(x: torch.Tensor, lanes: Lanes, bias: torch.Tensor | None, y: torch.Tensor) -> None:
     w = lanes.dequantize().double()
-    xd = x.double()
-    want = xd @ w.T + (0 if bias is None else bias.double())
+    xd, y = x.cpu().double(), y.cpu()
+    want = xd @ w.T + (0 if bias is None else bias.cpu().double())
     bound = EPS[x.dtype] * ((xd.abs() @ w.abs().T) + want.abs()) + 1e-30
     assert y.dtype == x.dtype and y.shape == want.shape
     err = (y.double() - want).abs()
@@ -56,13 +58,13 @@ def check(x: torch.Tensor, lanes: Lanes, bias: torch.Tensor | None, y: torch.Ten
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_format_matches_the_reference(name: str) -> None:
     lanes = FORMATS[name]()
-    packed = pack(lanes)
+    packed = pack(lanes, DEVICE)
     n, k = lanes.shape
     assert packed.bits == lanes.bits and (packed.mins is None) == (lanes.mins is None)
     torch.manual_seed(len(name))
     for i, (m, dtype) in enumerate((m, d) for m in ROWS for d in DTYPES):
-        x = torch.randn(m, k).to(dtype)
-        bias = torch.randn(n).to(dtype) if i % 2 else None
+        x = torch.randn(m, k).to(DEVICE, dtype)
+        bias = torch.randn(n).to(DEVICE, dtype) if i % 2 else None
         check(x, lanes, bias, linear_triton(x, packed, bias))
 
 
@@ -71,9 +73,9 @@ def test_split_inputs_sum_in_a_fixed_order(m: int) -> None:
     """Decode rows split across 3 input ranges (the reduction adds the bias) agree with the
     reference and repeat bit for bit."""
     lanes = _quantized(4, 32, 640)
-    packed = pack(lanes)
-    x = torch.randn(m, 640)
-    bias = torch.randn(37)
+    packed = pack(lanes, DEVICE)
+    x = torch.randn(m, 640, device=DEVICE)
+    bias = torch.randn(37, device=DEVICE)
     launches, _ = plan_linear(x, packed, bias, num_splits=3)
     assert len(launches) == 2 and launches[0].grid[2] == 3
     y = linear_triton(x, packed, bias, num_splits=3)
@@ -82,20 +84,21 @@ def test_split_inputs_sum_in_a_fixed_order(m: int) -> None:
 
 
 def test_plans_split_only_small_decode_grids() -> None:
-    packed = pack(_quantized(8, 32, 640))
+    packed = pack(_quantized(8, 32, 640), DEVICE)
     kinds = {}
     for m in ROWS:
-        launches, _ = plan_linear(torch.empty(m, 640), packed, None, num_sms=132)
+        x = torch.empty(m, 640, device=DEVICE)
+        launches, _ = plan_linear(x, packed, None, num_sms=132)
         kinds[m] = (launches[0].constexprs["BLOCK_M"], len(launches))
     # 37 outputs fill 2 programs at most: decode splits its inputs, prefill never does
     assert kinds == {1: (1, 2), 3: (16, 2), 16: (16, 2), 33: (32, 1), 200: (32, 1)}
-    assert plan_linear(torch.empty(0, 640), packed, None)[0] == []
+    assert plan_linear(torch.empty(0, 640, device=DEVICE), packed, None)[0] == []
 
 
 def test_leading_dims_and_strided_rows() -> None:
     lanes = _quantized(8, 32, 224)
-    packed = pack(lanes)
-    base = torch.randn(2, 3, 2 * 224)
+    packed = pack(lanes, DEVICE)
+    base = torch.randn(2, 3, 2 * 224, device=DEVICE)
     x = base[..., :224]             # rows 448 apart: a view the planner must read right
     y = linear_triton(x, packed, None)
     assert y.shape == (2, 3, 37)
@@ -106,7 +109,7 @@ def test_leading_dims_and_strided_rows() -> None:
 def test_embedding_rows_are_exact(name: str) -> None:
     lanes = FORMATS[name]()
     ids = torch.tensor([[0, 36], [5, 5]])
-    rows = rows_of(ids, pack(lanes))
+    rows = rows_of(ids.to(DEVICE), pack(lanes, DEVICE)).cpu()
     assert rows.dtype == torch.float32 and torch.equal(rows, lanes.dequantize()[ids])
 
 
@@ -126,13 +129,14 @@ def backend():
 def test_dispatch_packs_lanes_for_triton_and_leaves_dense_weights(backend) -> None:
     backend("triton")
     lanes = _quantized(4, 32, 224)
-    packed = kernels.pack_linear(lanes)
+    packed = kernels.pack_linear(lanes.to(DEVICE))
     assert isinstance(packed, TritonLanes)
-    assert kernels.pack_linear(torch.randn(37, 224)) is None        # dense: F.linear
-    x = torch.randn(3, 224)
-    bias = torch.randn(37)
+    assert kernels.pack_linear(torch.randn(37, 224, device=DEVICE)) is None   # dense: F.linear
+    x = torch.randn(3, 224, device=DEVICE)
+    bias = torch.randn(37, device=DEVICE)
     check(x, lanes, bias, kernels.linear_packed(x, packed, bias))
     ids = torch.tensor([1, 2])
-    assert torch.equal(kernels.embedding_packed(ids, packed), lanes.dequantize()[ids])
+    assert torch.equal(kernels.embedding_packed(ids.to(DEVICE), packed).cpu(),
+                       lanes.dequantize()[ids])
     backend("reference")
-    assert kernels.pack_linear(lanes) is None       # the model dequantizes
+    assert kernels.pack_linear(lanes.to(DEVICE)) is None     # the model dequantizes
