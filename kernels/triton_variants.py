@@ -2,8 +2,9 @@
 
 The variants come from the launch planners themselves (``plan_attention``, ``plan_store_kv``)
 applied to every engine shape: cache dtype x accepted head size x block size x GQA group 1-8 x
-batch kind (prefill, decode, decode split across KV with its merge). Plans that specialize alike
-are one binary. Each binary is compiled per target by ``triton.compile`` with the ptxas in the
+batch kind (prefill, decode, decode split across KV with its merge); and ``plan_linear`` for
+every format of quantized lanes x activation dtype x row class (gemv, decode, prefill, split
+with its reduction). Plans that specialize alike are one binary. Each binary is compiled per target by ``triton.compile`` with the ptxas in the
 triton wheel; the ptxas log Triton itself produces gives registers and spills, Triton's metadata
 the shared memory. Results are cached by kernel source, triton version, specialization and
 target, so a rerun on one machine is fast while a fresh machine compiles everything.
