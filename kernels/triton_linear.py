@@ -225,8 +225,8 @@ def plan_linear(x: torch.Tensor, packed: TritonLanes, bias: torch.Tensor | None,
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
     assert bias is None or (bias.shape == (n,) and bias.dtype == x.dtype), \
         "bias must be [out] in the activations' dtype"
-    if x.stride(-1) != 1 or x.stride(0) % _ALIGN:
-        x = x.contiguous()
+    if x.stride(-1) != 1 or x.stride(0) % _ALIGN or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)      # a fresh, aligned copy
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return [], out

@@ -95,7 +95,7 @@ def test_plans_split_only_small_decode_grids() -> None:
     assert plan_linear(torch.empty(0, 640, device=DEVICE), packed, None)[0] == []
 
 
-def test_leading_dims_and_strided_rows() -> None:
+def test_leading_dims_strided_and_unaligned_rows() -> None:
     lanes = _quantized(8, 32, 224)
     packed = pack(lanes, DEVICE)
     base = torch.randn(2, 3, 2 * 224, device=DEVICE)
@@ -103,6 +103,8 @@ def test_leading_dims_and_strided_rows() -> None:
     y = linear_triton(x, packed, None)
     assert y.shape == (2, 3, 37)
     check(x.reshape(-1, 224), lanes, None, y.reshape(-1, 37))
+    x = base.reshape(-1)[1:1 + 4 * 224].view(4, 224)     # 4 bytes past an aligned start
+    check(x, lanes, None, linear_triton(x, packed, None))
 
 
 @pytest.mark.parametrize("name", ["int4-g96", "int8-g16", "Q4_K", "Q6_K", "Q8_0"])
