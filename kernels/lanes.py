@@ -61,6 +61,11 @@ class Lanes:
             w += self.mins.double().repeat_interleave(expand, dim=1)
         return w.float()
 
+    def to(self, device: torch.device | str) -> "Lanes":
+        """The same lanes on ``device``."""
+        mins = None if self.mins is None else self.mins.to(device)
+        return Lanes(self.values.to(device), self.scales.to(device), mins, self.bits)
+
     def rows(self, index: torch.Tensor | slice) -> "Lanes":
         """The lanes of some rows (a permutation, a shard)."""
         mins = None if self.mins is None else self.mins[index]
