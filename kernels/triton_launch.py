@@ -5,6 +5,7 @@ The launch paths (``triton_paged_attention``, ``triton_store_kv``) first plan ea
 in ``triton_variants`` see exactly what the engine launches: they make the same plans and
 compile each plan's specialization for a GPU target, no GPU needed.
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,15 @@ class Launch:
 
 
 MAX_HEAD_DIM = 256
+
+
+@functools.lru_cache(maxsize=None)
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 for the interpreter on CPU): what the
+    planners size their split work to."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def check_head_dim(head_dim: int) -> None:

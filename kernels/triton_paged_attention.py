@@ -14,7 +14,6 @@ An fp8 (e4m3) cache comes as bytes (``kernels/triton_fp8.py``), widened exactly 
 output.
 Importing this module imports triton; ``kernels/__init__.py`` only does so when it is used.
 """
-import functools
 import math
 import os
 
@@ -24,7 +23,7 @@ import triton.language as tl
 
 from kernels.reference import FP8
 from kernels.triton_fp8 import E4M3_UNIT, from_e4m3
-from kernels.triton_launch import Launch, check_aligned, check_head_dim
+from kernels.triton_launch import Launch, check_aligned, check_head_dim, device_sms
 
 # The interpreter's tl.dot is wrong on bf16 inputs; on a GPU the cache dtype feeds the tensor cores.
 _DOT_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
@@ -170,13 +169,6 @@ def choose_num_kv_splits(num_seqs: int, num_tokens: int, num_kv_heads: int, max_
     return 1 if splits < 2 else 1 << int(math.log2(splits))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def tile_config(dtype: torch.dtype, dim_p: int, decode: bool, fp8: bool = False
                 ) -> tuple[int, int, dict]:
     """(ROWS, BLOCK_N, options) of one program for ``dtype`` dots (an ``fp8`` cache's are the
@@ -238,7 +230,7 @@ def plan_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(num_seqs, num_tokens, num_kv_heads,
                                              block_tables.shape[1] * block_size,
-                                             num_sms or _num_sms(query.device))
+                                             num_sms or device_sms(query.device))
     assert 1 <= num_kv_splits <= _MAX_SPLITS
     split = num_kv_splits > 1
     if split:

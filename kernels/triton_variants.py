@@ -2,11 +2,14 @@
 
 The variants come from the launch planners themselves (``plan_attention``, ``plan_store_kv``)
 applied to every engine shape: cache dtype (the model's, or fp8 e4m3 under a 16-bit model) x
-accepted head size x block size x GQA group 1-8 x batch kind (prefill, decode, decode split across KV with its merge). Plans that specialize alike
-are one binary. Each binary is compiled per target by ``triton.compile`` with the ptxas in the
-triton wheel; the ptxas log Triton itself produces gives registers and spills, Triton's metadata
-the shared memory. Results are cached by kernel source, triton version, specialization and
-target, so a rerun on one machine is fast while a fresh machine compiles everything.
+accepted head size x block size x GQA group 1-8 x batch kind (prefill, decode, decode split
+across KV with its merge); and ``plan_linear`` for every format of quantized lanes x
+activation dtype x row class (gemv, decode, prefill, split with its reduction). Plans that
+specialize alike are one binary. Each binary is compiled per target by ``triton.compile``
+with the ptxas in the triton wheel; the ptxas log Triton itself produces gives registers and
+spills, Triton's metadata the shared memory. Results are cached by kernel source, triton
+version, specialization and target, so a rerun on one machine is fast while a fresh machine
+compiles everything.
 
 Run with ``TRITON_INTERPRET`` unset (the interpreter has no compiler): tests call it as a
 subprocess.
@@ -32,8 +35,11 @@ from pathlib import Path
 import torch
 import triton
 
+from kernels.lanes import Lanes
 from kernels.reference import FP8
 from kernels.triton_launch import MAX_HEAD_DIM, Specialization
+from kernels.triton_linear import pack as pack_linear_lanes
+from kernels.triton_linear import plan_linear
 from kernels.triton_paged_attention import plan_attention
 from kernels.triton_store_kv import plan_store_kv
 
@@ -62,6 +68,7 @@ class Variant:
     head_dims: list[int] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
     block_sizes: list[int] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)  # weight formats (linear kernels)
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -117,20 +124,54 @@ def _plans(target: str) -> Iterator[tuple[str, str, int, int, int, Specializatio
             yield "store", name, head_dim, block_size, 0, launch.specialize()
 
 
+# Weight-only linear layers (kernels/triton_linear.py): every format of lanes (bits, mins),
+# activation dtype and row class; groups and sizes are runtime values, enumerated here to show
+# that they share binaries.
+LINEAR_KERNELS = ("linear_kernel", "reduce_kernel")
+LINEAR_FORMATS = {"8-bit": (8, False), "8-bit+min": (8, True), "4-bit+min": (4, True),
+                  "4-bit": (4, False)}
+LINEAR_ROWS = {"gemv": 1, "gemm-decode": 5, "gemm-prefill": 40}
+LINEAR_GROUPS = (16, 32, 96, 128)
+
+
+def _linear_plans(target: str) -> Iterator[tuple[str, str, str, Specialization]]:
+    """(kind, dtype, format, specialization) of every launch ``plan_linear`` makes: each row
+    class (decode ones also split across inputs, with the reduction), format, group, dtype."""
+    num_sms = TARGETS[target][1]
+    n, k = 100, 384
+    for (name, dtype), (fmt, (bits, with_min)), group in itertools.product(
+            DTYPES.items(), LINEAR_FORMATS.items(), LINEAR_GROUPS):
+        scales = torch.ones(n, k // group)
+        packed = pack_linear_lanes(Lanes(torch.zeros(n, k, dtype=torch.int8), scales,
+                                         scales.clone() if with_min else None, bits))
+        for kind, m in LINEAR_ROWS.items():
+            x = torch.empty(m, k, dtype=dtype)
+            for splits, bias in ((1, None), (1, torch.empty(n, dtype=dtype)), (2, None)):
+                launches, _ = plan_linear(x, packed, bias, num_splits=splits, num_sms=num_sms)
+                yield kind, name, fmt, launches[0].specialize()
+                if len(launches) > 1:
+                    yield "reduce", name, "any", launches[1].specialize()
+
+
 def variants(targets: list[str]) -> list[tuple[Variant, Specialization]]:
     """Every distinct binary per target, with the shapes that launch it."""
     found: dict[tuple[str, str], tuple[Variant, Specialization]] = {}
+
+    def add(target: str, spec: Specialization, dtype: str, **shapes) -> None:
+        key = (target, spec.key())
+        if key not in found:
+            found[key] = (Variant(spec.kernel.__name__.strip("_"), dtype, target,
+                                  dict(spec.constexprs), dict(spec.options)), spec)
+        for attr, x in shapes.items():
+            values = getattr(found[key][0], attr)
+            if x not in values:
+                values.append(x)
     for target in targets:
         for kind, dtype, head_dim, block_size, group, spec in _plans(target):
-            key = (target, spec.key())
-            if key not in found:
-                found[key] = (Variant(spec.kernel.__name__.strip("_"), dtype, target,
-                                      dict(spec.constexprs), dict(spec.options)), spec)
-            v = found[key][0]
-            for values, x in ((v.kinds, kind), (v.head_dims, head_dim), (v.groups, group),
-                              (v.block_sizes, block_size)):
-                if x not in values:
-                    values.append(x)
+            add(target, spec, dtype, kinds=kind, head_dims=head_dim, groups=group,
+                block_sizes=block_size)
+        for kind, dtype, fmt, spec in _linear_plans(target):
+            add(target, spec, dtype, kinds=kind, formats=fmt)
     return list(found.values())
 
 
@@ -190,7 +231,7 @@ def compile_all(targets: list[str], workers: int = 2) -> list[Variant]:
                    spec.constexprs, spec.attrs, spec.options, v.target)
             todo.append((v, path, job))
     # The largest tiles first, so the pool does not end waiting on one slow compile.
-    todo.sort(key=lambda t: -t[0].constexprs.get("ROWS", 0) * t[0].constexprs["DIM_P"])
+    todo.sort(key=lambda t: -t[0].constexprs.get("ROWS", 0) * t[0].constexprs.get("DIM_P", 0))
     if todo:
         with tempfile.TemporaryDirectory() as tmp, \
                 ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(tmp,)) as pool:
@@ -203,11 +244,13 @@ def compile_all(targets: list[str], workers: int = 2) -> list[Variant]:
 
 
 def problems(results: list[Variant]) -> list[str]:
-    """What fails the check: compile errors, shared memory over the target's limit, and spills
-    in fp16/bf16/fp8 attention for the padded head sizes of 64 and 128."""
+    """What fails the check: compile errors, shared memory over the target's limit, spills
+    in fp16/bf16/fp8-cache attention for the padded head sizes of 64 and 128, and any spill
+    in the linear kernels."""
     out = []
     for v in results:
-        name = f"{v.kernel} {'+'.join(v.kinds)} {v.dtype} DIM_P={v.constexprs['DIM_P']} {v.target}"
+        name = (f"{v.kernel} {'+'.join(v.kinds)} {v.dtype} {'+'.join(v.formats)} "
+                f"DIM_P={v.constexprs.get('DIM_P')} {v.target}")
         if v.error:
             out.append(f"{name}: {v.error}")
             continue
@@ -216,6 +259,9 @@ def problems(results: list[Variant]) -> list[str]:
         if (v.kernel == "attention_kernel" and v.dtype != "fp32"
                 and v.constexprs["DIM_P"] in (64, 128) and v.spill_stores):
             out.append(f"{name}: {v.spill_stores} B spill stores ({v.registers} registers)")
+        if v.kernel in LINEAR_KERNELS and (v.spill_stores or v.spill_loads):
+            out.append(f"{name}: {v.spill_stores} B spill stores, {v.spill_loads} B spill "
+                       f"loads ({v.registers} registers)")
     return out
 
 
@@ -245,6 +291,50 @@ def table(results: list[Variant]) -> str:
                  v.options.get("num_warps"), v.target, *numbers]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def linear_table(results: list[Variant]) -> str:
+    """The markdown table of the weight-only linear kernels' variants."""
+    lines = ["| kernel | kind | dtype | formats | constexprs | warps | target | registers | "
+             "spill stores | spill loads | stack B | shared B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {kind: i for i, kind in enumerate([*LINEAR_ROWS, "reduce"])}
+    for v in sorted(results, key=lambda v: (order[v.kinds[0]], v.dtype, v.formats, v.target)):
+        consts = " ".join(f"{k}={int(c) if isinstance(c, bool) else c}"
+                          for k, c in v.constexprs.items() if k != "DOT_FP32")
+        numbers = ([v.registers, v.spill_stores, v.spill_loads, v.stack_bytes, v.shared_bytes]
+                   if v.error is None else ["error"] * 5)
+        cells = [v.kernel.removesuffix("_kernel"), ", ".join(v.kinds), v.dtype,
+                 ", ".join(v.formats), consts, v.options.get("num_warps"), v.target, *numbers]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+LINEAR_DOC = """
+## Weight-only linear layers (`kernels/triton_linear.py`)
+
+Quantized weights (`kernels.Lanes`: int8 / int4 at load, GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q4_K, Q5_K, Q6_K) are multiplied on CUDA by one kernel that decodes the lanes inside the GEMM:
+{formats} lanes (8 bits one a byte, 4 bits two a byte; an fp32 scale, and a min where the
+format has one, per group), activations fp16/bf16/fp32, fp32 accumulation. `plan_linear` picks
+the tile from the row count: `gemv` for one row (a broadcast product summed over `BLOCK_K`
+inputs), `gemm-decode` for 2-16 rows (`tl.dot` on 16 rows), `gemm-prefill` above (`tl.dot` on
+64x64 output tiles; 32x32 in fp32, whose `ieee` dot runs on the FMA units). When the output
+tiles cannot fill the device the inputs are split across programs and `reduce` adds the fp32
+partial sums in a fixed order with the bias. Group size ({groups} enumerated), matrix sizes,
+the split and the bias are runtime values and share binaries. Every variant must compile with
+no spill stores or loads.
+
+Bytes read per weight, scales included: 8-bit groups of 32 (int8, Q8_0, Q5_0) 1.125, Q6_K's
+groups of 16 1.25, 4-bit with mins per 32 (int4, Q4_0, Q4_1, Q4_K) 0.75, int4 per 128 0.5625
+(the files hold Q8_0 1.0625, Q6_K 0.82, Q4_1 0.625, Q4_K 0.5625). Scales stay fp32 because
+the kernel computes on exactly the dequantized weights: Q6_K's and the K-quants' scale is an
+fp16 times a 6- or 8-bit integer (up to 18 significant bits); on random blocks only 12% of
+Q6_K's and 21% of Q4_K's scales survive a round trip through fp16, so fp16 scales (10% fewer
+bytes on Q6_K) would change the weights. Q8_0's, Q4_0's and Q4_1's are fp16 in the file, so an
+fp16 scale layout for them would be exact (0.0625 B a weight less), not built.
+
+"""
 
 
 DOC_HEAD = """# Triton kernels: every compiled variant
@@ -293,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(DOC_HEAD.format(
             version=triton.__version__, head_dims=_spans(list(HEAD_DIMS)),
             block_sizes=", ".join(map(str, BLOCK_SIZES)), groups=_spans(list(GROUPS)))
-            + table(results))
+            + table([v for v in results if v.kernel not in LINEAR_KERNELS])
+            + LINEAR_DOC.format(formats=", ".join(LINEAR_FORMATS),
+                                groups=", ".join(map(str, LINEAR_GROUPS)))
+            + linear_table([v for v in results if v.kernel in LINEAR_KERNELS]))
     found = problems(results)
     for line in found:
         print("FAIL", line)

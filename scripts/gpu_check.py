@@ -8,12 +8,17 @@
   given tokenizer's vocabulary, ~1.07B parameters; ``tiny`` for the CPU dry run).
 - ``serve``: one TorchServe with the ``llm`` archive of a checkpoint on a device; a streamed and
   a whole request must come back with text.
+- ``linear``: the Triton weight-only GEMM (kernels/triton_linear.py) against the dequantized
+  weights in float64, per format (int8, int4, GGUF Q8_0 / Q4_K / Q6_K), row count and
+  activation dtype; on CUDA its time and GB/s against dense ``F.linear``, and the engine's
+  decode tok/s with int8 / int4 weights against dense fp32 on a checkpoint.
 
 Each prints one JSON line of results and exits non-zero when its check fails.
 
     python scripts/gpu_check.py parity --model DIR --device cuda --dtypes float32 bfloat16
     python scripts/gpu_check.py random-llama --out DIR --size 1b --tokenizer-from DIR
     python scripts/gpu_check.py serve --model DIR --device cuda --dtype bfloat16 --run-dir DIR
+    python scripts/gpu_check.py linear --device cuda --model DIR
 """
 import sys
 from pathlib import Path
@@ -170,6 +175,118 @@ def serve(args: argparse.Namespace) -> bool:
     return whole.ok and bool(text) and stream_text == text
 
 
+# name -> (bits, group, GGUF type or None): every kind of lanes the kernel has a binary for
+LINEAR_FORMATS = {"int8-g32": (8, 32, None), "int4-g32": (4, 32, None),
+                  "int4-g128": (4, 128, None), "Q8_0": (8, 32, "Q8_0"),
+                  "Q4_K": (4, 32, "Q4_K"), "Q6_K": (8, 16, "Q6_K")}
+LINEAR_SHAPES = {"big": (4096 + 37, 2048), "tiny": (37, 512)}   # (out, in): odd out count
+
+
+def _lanes(name: str, n: int, k: int):
+    import kernels
+    bits, group, gguf_type = LINEAR_FORMATS[name]
+    if gguf_type is None:
+        return kernels.quantize(torch.randn(n, k) * 0.05, bits, group)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gguf_files import random_blocks
+    return kernels.from_gguf(gguf_type, random_blocks(gguf_type, n, k, seed=n), (n, k))
+
+
+def linear(args: argparse.Namespace) -> bool:
+    """Kernel error against the float64 product as a fraction of its bound (<= 1 passes: the
+    weight rounded to the activations' dtype, fp32 summation order, one output rounding),
+    then timings on CUDA. One JSON line each."""
+    import kernels
+    from kernels.triton_linear import linear_triton, pack
+    kernels.set_backend("triton")
+    eps = {"float32": 1e-5, "bfloat16": 2 ** -8}
+    n, k = LINEAR_SHAPES[args.size]
+    worst = {}
+    for name in LINEAR_FORMATS:
+        lanes = _lanes(name, n, k)
+        packed = pack(lanes, args.device)
+        w = lanes.dequantize().to(args.device, torch.float64)
+        for dtype in eps:
+            for m in (1, 8, 16, 64, 300):
+                x = torch.randn(m, k, device=args.device).to(getattr(torch, dtype))
+                y = linear_triton(x, packed, None).double()
+                want = x.double() @ w.T
+                bound = eps[dtype] * (x.double().abs() @ w.abs().T + want.abs()) + 1e-30
+                ratio = float(((y - want).abs() / bound).max())
+                worst[f"{name} {dtype}"] = max(ratio, worst.get(f"{name} {dtype}", 0.0))
+    ok = all(r <= 1 for r in worst.values())
+    print(json.dumps(dict(check="linear", device=args.device, shape=[n, k], ok=ok,
+                          worst_error_over_bound={key: round(r, 3) for key, r in worst.items()})))
+    if args.device.startswith("cuda"):
+        _linear_timings(n, k, args.device)
+    if args.model is not None or args.gguf is not None:
+        _quantized_decode(args)
+    return ok
+
+
+def _linear_timings(n: int, k: int, device: str) -> None:
+    """Microseconds per call and weight GB/s: the Triton kernel on int8 / int4 lanes against
+    F.linear on the dense fp32 and bf16 weight (CUDA events, median of 50)."""
+    import torch.nn.functional as F
+
+    from kernels.triton_linear import linear_triton, pack
+
+    def median_us(fn) -> float:
+        fn()
+        times = []
+        for _ in range(50):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return sorted(times)[len(times) // 2]
+    dense = torch.randn(n, k, device=device)
+    for m in (1, 8, 64, 512):
+        row = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            wd = dense.to(dtype)
+            us = median_us(lambda: F.linear(x, wd))
+            row[f"dense {str(dtype)[6:]}"] = [round(us, 1), round(wd.nbytes / us / 1e3, 1)]
+            for name in ("int8-g32", "int4-g32", "Q4_K", "Q6_K"):
+                packed = pack(_lanes(name, n, k), device)
+                us = median_us(lambda: linear_triton(x, packed, None))
+                row[f"{name} {str(dtype)[6:]}"] = [round(us, 1),
+                                                   round(packed.nbytes / us / 1e3, 1)]
+        print(json.dumps(dict(check="linear-time", rows=m, shape=[n, k],
+                              us_and_weight_gbps=row)))
+
+
+def _quantized_decode(args: argparse.Namespace) -> None:
+    """Decode output tok/s of the engine (fp32 activations) on ``--model`` with dense, int8
+    and int4 weights and on the ``--gguf`` file as stored, at batch 1 and 8, 16-token prompts,
+    ``--max-tokens`` each; plus each one's greedy continuation of a fixed text."""
+    from engine import LLMEngine, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    runs = [] if args.model is None else [(args.model, q) for q in (None, "int8", "int4")]
+    runs += [] if args.gguf is None else [(args.gguf, None)]
+    tok_s, texts = {}, {}
+    for path, quantization in runs:
+        kind = "stored" if path == args.gguf else quantization or "dense"
+        label = f"{Path(path).name} {kind}"
+        llm = LLMEngine(path, device=args.device, dtype="float32", num_blocks=256,
+                        quantization=quantization, attention_backend="triton")
+        texts[label] = llm.generate(["The capital of France is"], SamplingParams(
+            temperature=0, max_tokens=8), use_tqdm=False)[0].text
+        for batch in (1, 8):
+            prompts = [[7 + i + j for j in range(16)] for i in range(batch)]
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            tok_s[f"{label} batch {batch}"] = round(
+                sum(len(o.token_ids) for o in outs) / seconds, 1)
+        del llm
+    print(json.dumps(dict(check="quantized-decode", device=args.device, tok_s=tok_s,
+                          texts=texts)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -193,8 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--dtype", default="bfloat16")
     sv.add_argument("--run-dir", type=Path, required=True)
     sv.add_argument("--timeout", type=float, default=240)
+    li = sub.add_parser("linear")
+    li.add_argument("--device", default="cuda")
+    li.add_argument("--size", choices=sorted(LINEAR_SHAPES), default="big")
+    li.add_argument("--model", type=Path, help="also time the engine's decode on it")
+    li.add_argument("--gguf", type=Path, help="and on this GGUF file as stored")
+    li.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args(argv)
-    ok = {"parity": parity, "random-llama": random_llama, "serve": serve}[args.command](args)
+    ok = {"parity": parity, "random-llama": random_llama, "serve": serve,
+          "linear": linear}[args.command](args)
     return 0 if ok else 1
 
 

@@ -10,6 +10,9 @@
 #                  (SmolLM2's tokenizer)
 #   kernels        the Triton kernel tests compiled for the GPU (TRITON_INTERPRET=0,
 #                  KERNELS_BACKEND=triton)
+#   linear         the weight-only GEMM per format against float64 on dequantized weights,
+#                  its time vs dense F.linear, decode tok/s with int8/int4 weights vs dense fp32
+#                  and on SmolLM2's shipped Q4_1 file
 #   parity         engine vs transformers greedy tokens on CUDA, fp32 (must be identical) and bf16
 #                  (agreement printed), tiny checkpoints and SmolLM2; seeded sampling alone vs in
 #                  a busy batch
@@ -151,11 +154,22 @@ smol() { if [ $DRY = 1 ]; then echo "$WORK/tiny-llama"; else echo "$WORK/smollm2
 kernels() {
   if [ $DRY = 1 ]; then
     TRITON_INTERPRET=1 "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels/test_store_kv.py \
-      "tests/kernels/test_paged_attention.py::test_int64_metadata"
+      "tests/kernels/test_paged_attention.py::test_int64_metadata" \
+      "tests/kernels/test_triton_linear.py::test_plans_split_only_small_decode_grids"
   else
     TRITON_INTERPRET=0 KERNELS_BACKEND=triton "$PY" -m pytest -q -x -p no:cacheprovider \
-      tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py
+      tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py \
+      tests/kernels/test_triton_linear.py
   fi
+}
+
+linear() {
+  if [ $DRY = 1 ]; then     # the interpreter, small shapes, no timings
+    TRITON_INTERPRET=1 "$PY" $GPU_STEPS linear --device cpu --size tiny
+    return
+  fi
+  "$PY" $GPU_STEPS linear --device cuda --model "$(smol)" \
+    --gguf "$("$PY" $MAKE_SMOLLM2 --gguf | tail -n 1)"
 }
 
 parity() {
@@ -200,10 +214,11 @@ serve() {
 }
 
 export ROOT DIR WORK PY DRY DEVICE LOW BENCH_KERNELS BENCH_OFFLINE MAKE_SMOLLM2 MAKE_TINY GPU_STEPS
-export -f setup java_path models smol kernels parity bench_kernels bench_offline serve
+export -f setup java_path models smol kernels linear parity bench_kernels bench_offline serve
 step setup 180 setup
 step models 150 models
 step kernels 150 kernels
+step linear 90 linear
 step parity 150 parity
 step bench_kernels 60 bench_kernels
 step bench_offline 180 bench_offline

@@ -43,12 +43,19 @@ class Quantization:
     bits: int
     group_size: int
 
+    @property
+    def head(self) -> "Quantization":
+        """The output head's (a tied embedding's too): 8 bits where the layers get 4, as
+        llama.cpp's Q4_0 files keep it at Q8_0; the head is the most sensitive matrix."""
+        return Quantization(max(self.bits, 8), self.group_size)
+
 
 class Linear(torch.nn.Linear):
     """``nn.Linear`` whose weight comes dense (``weight``) or in a stored format (``stored``:
     quantized ``kernels.Lanes`` or a dense tensor of another dtype, from a GGUF file). Once
-    ``pack`` has run it keeps only its packed weight for ``kernels.linear_packed`` (on CPU);
-    elsewhere a dense weight and ``F.linear``."""
+    ``pack`` has run it keeps only its packed weight for ``kernels.linear_packed`` where the
+    kernels take it (on CPU any format, under Triton quantized lanes); elsewhere a dense
+    weight and ``F.linear``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -56,7 +63,7 @@ class Linear(torch.nn.Linear):
         self.stored: kernels.Lanes | torch.Tensor | None = None
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None) -> None:
-        """Replace the weight by its packed form (in ``arena``) where the compiled kernels
+        """Replace the weight by its packed form (in ``arena`` on CPU) where the kernels
         apply: the stored format, else the dense weight in its dtype (fp32, bf16, fp16; fp32
         quantized first if asked). Elsewhere the weight stays (or becomes) dense: the
         reference computes on the same values."""
@@ -195,7 +202,7 @@ class DecoderModel(torch.nn.Module):
         self.k_cache: torch.Tensor | None = None    # every layer's, see set_caches
         self.v_cache: torch.Tensor | None = None
         self.compiled: torch.ScriptObject | None = None     # the whole decoder, once packed
-        self.embed_table = None     # the packed embedding table the compiled call reads
+        self.embed_table = None     # the packed embedding table the lookup reads, once packed
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None
              ) -> list | None:
@@ -203,17 +210,19 @@ class DecoderModel(torch.nn.Module):
         parts = [layer.pack(arena, quantization) for layer in self.layers]
         return parts if all(part is not None for part in parts) else None
 
-    def bind(self, parts: list, embed) -> None:
-        """Run the whole decoder as one compiled call from now on; ``embed`` is the packed
-        embedding table (a tied head's own), in its format."""
+    def bind(self, parts: list | None, embed) -> None:
+        """Look embedding rows up in ``embed``, the packed table (a tied head's own), in its
+        format from now on; where the layers' weights are packed for the compiled CPU
+        decoder (``parts``), run the whole decoder as one compiled call."""
         a = self.attentions[0]
-        self.compiled = kernels.bind_decoder(
-            embed, [w for part in parts for w in part[0]],
-            [e for part in parts for e in part[1]], self.norm.weight.float(),
-            (self.rope.cos, self.rope.sin), self.norm.eps, a.scale,
-            (a.num_heads, a.num_kv_heads, a.head_dim))
+        if parts is not None:
+            self.compiled = kernels.bind_decoder(
+                embed, [w for part in parts for w in part[0]],
+                [e for part in parts for e in part[1]], self.norm.weight.float(),
+                (self.rope.cos, self.rope.sin), self.norm.eps, a.scale,
+                (a.num_heads, a.num_kv_heads, a.head_dim))
         self.embed_table = embed
-        self.embed_tokens.weight = None     # the compiled call reads the packed table
+        self.embed_tokens.weight = None     # the lookup reads the packed table
 
     def set_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """The KV cache of every layer, ``[layers, blocks, block_size, kv_heads, head_dim]``
@@ -228,7 +237,10 @@ class DecoderModel(torch.nn.Module):
             return self.compiled.forward(input_ids, positions, self.k_cache, self.v_cache,
                                          meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                          meta.query_start_loc)
-        residual = self.embed_tokens(input_ids)
+        if self.embed_table is not None:
+            residual = kernels.embedding_packed(input_ids, self.embed_table)
+        else:
+            residual = self.embed_tokens(input_ids)
         x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
         for layer in self.layers:
@@ -252,23 +264,25 @@ class CausalLM(torch.nn.Module):
         return self.model(input_ids, positions, meta)
 
     def pack(self, quantization: Quantization | None = None) -> None:
-        """Pack every linear layer's weight for the compiled CPU kernels (after loading), back
-        to back in huge pages in the order a step reads them. A tied embedding table is the
-        head's packed weight; an untied one is packed in its own format (never quantized at
-        load). Where the kernels do not apply, stored formats become dense weights."""
+        """Pack every linear layer's weight for its device's kernels (after loading): on CPU
+        back to back in huge pages in the order a step reads them; under Triton quantized
+        lanes on the GPU. The head is quantized at ``quantization.head``; a tied embedding
+        table is the head's packed weight, an untied one is packed in its own format (never
+        quantized at load). Where the kernels do not apply, stored formats become dense
+        weights."""
         arena = kernels.HugePageArena()
         embed = self.model.embed_tokens
         stored_embed = getattr(embed, "stored", None)
         parts = self.model.pack(arena, quantization)
         if self.spec.tie_word_embeddings and stored_embed is not None:
             self.lm_head.stored = stored_embed
-        self.lm_head.pack(arena, quantization)
+        self.lm_head.pack(arena, None if quantization is None else quantization.head)
         if self.spec.tie_word_embeddings:
             table = self.lm_head.packed
         else:
             table = kernels.pack_linear(stored_embed if stored_embed is not None
                                         else embed.weight, arena)
-        if parts is not None and table is not None:
+        if table is not None:
             self.model.bind(parts, table)
         elif stored_embed is not None:      # the module path: dense, as the reference reads
             dense = (stored_embed.dequantize() if isinstance(stored_embed, kernels.Lanes)

@@ -129,13 +129,13 @@ def load_gguf(path: str | Path, spec: DecoderSpec, device: str,
         if part is not None:
             fused.setdefault(f"{target}.{t.name.rsplit('.', 1)[1]}", [None] * 3)[part] = value
             continue
-        _place(model, f"{target}.{t.name.rsplit('.', 1)[1]}", value, spec)
+        _place(model, f"{target}.{t.name.rsplit('.', 1)[1]}", value, spec, device)
         loaded.add(f"{target}.{t.name.rsplit('.', 1)[1]}")
     for name, parts in fused.items():
         count = 3 if ".qkv_proj." in name else 2
         if any(p is None for p in parts[:count]):
             raise ValueError(f"{path.name}: {name} lacks a part ({count} expected)")
-        _place(model, name, _concat(parts[:count], name), spec)
+        _place(model, name, _concat(parts[:count], name), spec, device)
         loaded.add(name)
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     if spec.tie_word_embeddings:
@@ -198,9 +198,9 @@ def _concat(parts: list, name: str):
                      f"({', '.join(type(p).__name__ for p in parts)})")
 
 
-def _place(model: CausalLM, name: str, value, spec: DecoderSpec) -> None:
-    """Put ``value`` at parameter ``name``: a linear weight as ``stored``, the embedding's
-    table as ``stored`` of the embedding, anything else (norms, biases) as fp32."""
+def _place(model: CausalLM, name: str, value, spec: DecoderSpec, device: str) -> None:
+    """Put ``value`` at parameter ``name`` on ``device``: a linear weight as ``stored``, the
+    embedding's table as ``stored`` of the embedding, anything else (norms, biases) as fp32."""
     module_name, attr = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
     current = getattr(module, attr, None)
@@ -209,6 +209,7 @@ def _place(model: CausalLM, name: str, value, spec: DecoderSpec) -> None:
     if tuple(value.shape) != tuple(current.shape):
         raise ValueError(f"tensor for {name!r} has shape {tuple(value.shape)}, the model "
                          f"needs {tuple(current.shape)}")
+    value = value.to(device)
     if attr == "weight" and not isinstance(module, RMSNorm) and len(value.shape) == 2:
         module.stored = value
         return

@@ -50,9 +50,9 @@ def test_backend_choice_on_cpu(monkeypatch, backend: str, expected: str) -> None
                         spy(calls, "reference", kernels.paged_attention_reference))
     monkeypatch.setattr(kernels, "store_kv_reference",
                         spy(calls, "reference", kernels.store_kv_reference))
-    store, attend = kernels._triton_fns
+    store, attend, *linear = kernels._triton_fns
     monkeypatch.setattr(kernels, "_triton_fns", (spy(calls, "triton", store),
-                                                 spy(calls, "triton", attend)))
+                                                 spy(calls, "triton", attend), *linear))
     batch = small_batch()
     out = paged_attention(**batch)
     key = torch.randn(2, 1, 16)

@@ -92,20 +92,28 @@ def test_quantize_within_half_a_step(bits: int, group: int) -> None:
     w[3, :group] = 0.0                                     # an all-zero group
     lanes = kernels.quantize(w, bits, group)
     assert lanes.bits == bits and lanes.group == group and lanes.shape == (37, 256)
-    top = 127 if bits == 8 else 7
     blocks = w.reshape(37, -1, group)
-    torch.testing.assert_close(lanes.scales, blocks.abs().amax(-1) / top, rtol=0, atol=0)
-    scale = lanes.scales.repeat_interleave(group, dim=1)
+    if bits == 8:
+        want = blocks.abs().amax(-1) / 127
+    else:       # the largest magnitude, with its sign, lands on -8
+        want = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0] / -8
+    torch.testing.assert_close(lanes.scales, want, rtol=0, atol=0)
+    scale = lanes.scales.abs().repeat_interleave(group, dim=1)
     err = (lanes.dequantize() - w).abs()
-    assert bool((err <= scale * 0.5 * (1 + 1e-5) + 1e-7).all()), float((err / scale).max())
     q = lanes.values.int() - (8 if bits == 4 else 0)
+    # 4 bits: a weight opposite the extreme, up to 8 steps away, is clipped to 7: one step
+    steps = torch.where(q == 7, 1.0, 0.5) if bits == 4 else 0.5
+    assert bool((err <= scale * steps * (1 + 1e-5) + 1e-7).all())
     if bits == 4:
         assert 0 <= int(lanes.values.min()) and int(lanes.values.max()) <= 15
         torch.testing.assert_close(lanes.mins, -8 * lanes.scales, rtol=0, atol=0)
+        top = q.reshape(37, -1, group).amin(-1)     # the extreme weight's step
+        assert bool((top[blocks.abs().amax(-1) > 0] == -8).all())
     else:
         assert lanes.mins is None and int(q.abs().max()) <= 127
-    # each group's largest weight lands on the top step: the scale is not too large
-    assert bool((q.reshape(37, -1, group).abs().amax(-1)[blocks.abs().amax(-1) > 0] == top).all())
+        # each group's largest weight lands on the top step: the scale is not too large
+        top = q.reshape(37, -1, group).abs().amax(-1)
+        assert bool((top[blocks.abs().amax(-1) > 0] == 127).all())
     assert bool((lanes.dequantize()[3, :group] == 0).all())
 
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("setup", "models", "kernels", "parity", "bench_kernels", "bench_offline", "serve")
+STEPS = ("setup", "models", "kernels", "linear", "parity", "bench_kernels", "bench_offline",
+         "serve")
 
 
 def test_cpu_dry_run_passes_every_step(tiny_llama, tmp_path) -> None:
@@ -34,6 +35,9 @@ def test_cpu_dry_run_passes_every_step(tiny_llama, tmp_path) -> None:
     assert [p["dtype"] for p in parity] == ["float32", "bfloat16"]
     assert parity[0]["identical"] == parity[0]["prompts"]
     assert all(p["backend"] == "reference" and p["seeded_alone_equals_busy"] for p in parity)
+    linear = [json.loads(line) for line in (out / "linear.log").read_text().splitlines()
+              if line.startswith('{"check": "linear"')]
+    assert len(linear) == 1 and linear[0]["ok"] and len(linear[0]["worst_error_over_bound"]) == 12
     served = json.loads((out / "serve.log").read_text().strip().splitlines()[-1])
     assert served["status"] == 200 and served["text"] and served["stream_equals_whole"]
     assert "ours / hf_cb" in (out / "bench_offline.log").read_text()
