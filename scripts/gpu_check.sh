@@ -14,8 +14,8 @@
 #                  its time vs dense F.linear, decode tok/s with int8/int4 weights vs dense fp32
 #                  and on SmolLM2's shipped Q4_1 file
 #   parity         engine vs transformers greedy tokens on CUDA, fp32 (must be identical) and bf16
-#                  (agreement printed), tiny checkpoints and SmolLM2; seeded sampling alone vs in
-#                  a busy batch
+#                  (agreement printed), tiny checkpoints and SmolLM2, and bf16 SmolLM2 with an
+#                  fp8 KV cache (agreement printed); seeded sampling alone vs in a busy batch
 #   bench_kernels  decode GB/s against measured copy bandwidth, prefill against SDPA
 #   bench_offline  ours vs transformers continuous batching on CUDA, SmolLM2 and the 1B Llama
 #   serve          TorchServe with the llm archive at `device: cuda`, a streamed and a whole request
@@ -181,6 +181,7 @@ parity() {
   for model in "$WORK/tiny-llama" "$WORK/tiny-qwen2" "$WORK/tiny-qwen3" "$(smol)"; do
     "$PY" $GPU_STEPS parity --model "$model" --device cuda --dtypes float32 $LOW
   done
+  "$PY" $GPU_STEPS parity --model "$(smol)" --device cuda --dtypes $LOW --kv-cache-dtype fp8
 }
 
 bench_kernels() {
