@@ -8,6 +8,7 @@ each); the loader concatenates the checkpoint's separate weights into them.
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
@@ -48,12 +49,14 @@ class Linear(torch.nn.Linear):
     """``nn.Linear`` whose weight comes dense (``weight``) or in a stored format (``stored``:
     quantized ``kernels.Lanes`` or a dense tensor of another dtype, from a GGUF file). Once
     ``pack`` has run it keeps only its packed weight for ``kernels.linear_packed`` (on CPU);
-    elsewhere a dense weight and ``F.linear``."""
+    elsewhere a dense weight and ``F.linear``. A row-parallel shard (engine/models/sharding.py)
+    has a ``group``: its output is the sum of every rank's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.packed = None
         self.stored: kernels.Lanes | torch.Tensor | None = None
+        self.group = None
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None) -> None:
         """Replace the weight by its packed form (in ``arena``) where the compiled kernels
@@ -78,8 +81,12 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return kernels.linear_packed(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = kernels.linear_packed(x, self.packed, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.group is not None:
+            dist.all_reduce(y, group=self.group)
+        return y
 
 
 class RMSNorm(torch.nn.Module):
@@ -194,6 +201,8 @@ class DecoderModel(torch.nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.compiled: torch.ScriptObject | None = None     # the whole decoder, once packed
         self.embed_table = None     # the packed embedding table the compiled call reads
+        self.vocab_start = 0        # a vocab-parallel shard's first row, summed over group
+        self.group = None
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None
              ) -> list | None:
@@ -210,6 +219,9 @@ class DecoderModel(torch.nn.Module):
             [e for part in parts for e in part[1]], self.norm.weight,
             (self.rope.cos, self.rope.sin), self.norm.eps, a.scale,
             (a.num_heads, a.num_kv_heads, a.head_dim))
+        if self.group is not None:
+            self.compiled.shard(self.group.group_name, self.vocab_start,
+                                self.embed_tokens.num_embeddings)
         self.embed_table = embed
         self.embed_tokens.weight = None     # the compiled call reads the packed table
 
@@ -226,12 +238,24 @@ class DecoderModel(torch.nn.Module):
             return self.compiled.forward(input_ids, positions, self.k_cache, self.v_cache,
                                          meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                          meta.query_start_loc)
-        residual = self.embed_tokens(input_ids)
+        residual = self.embed(input_ids)
         x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
         for layer in self.layers:
             x, residual = layer(x, residual, rot, meta)
         return self.norm(x, residual)[0]
+
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows; a vocab-parallel shard looks up its own rows (zeros for the
+        others) and the group sums them."""
+        if self.group is None:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.vocab_start
+        owned = (local >= 0) & (local < self.embed_tokens.weight.shape[0])
+        rows = self.embed_tokens(torch.where(owned, local, 0)) * owned[:, None]
+        dist.all_reduce(rows, group=self.group)
+        return rows
 
 
 class CausalLM(torch.nn.Module):
@@ -244,6 +268,7 @@ class CausalLM(torch.nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.group = None       # tensor parallel: logits shards are gathered at rank 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -276,8 +301,21 @@ class CausalLM(torch.nn.Module):
                 self.lm_head.weight = embed.weight
         embed.stored = None
 
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this rank's cache holds."""
+        return self.model.attentions[0].num_kv_heads
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits of ``hidden``'s rows; with a group every rank computes its vocabulary shard
+        and rank 0 gets them all (the others get their shard)."""
+        local = self.lm_head(hidden).float()
+        if self.group is None:
+            return local
+        rank = self.group.rank()
+        parts = [torch.empty_like(local) for _ in range(self.group.size())] if rank == 0 else None
+        dist.gather(local, parts, group_dst=0, group=self.group)
+        return torch.cat(parts, dim=-1) if rank == 0 else local
 
     def set_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Every layer's KV cache, ``[layers, blocks, block_size, kv_heads, head_dim]`` each."""
