@@ -48,8 +48,7 @@ class LLMEngine:
             raise ValueError(f"quantization {self.config.quantization!r} is for dense "
                              "checkpoints; a GGUF file is served in its own types")
         spec = read_spec(config)
-        limit = spec.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or limit, limit)
+        self.max_model_len = _max_model_len(self.config, spec)
         self.eos_token_ids = _eos_ids(model_path, self.tokenizer)
         self.ranks = self._start_ranks(spec, model_path)
         self.failed: str | None = None      # a lost rank's message: the engine is over
@@ -384,6 +383,21 @@ class LLMEngine:
         if self.failed is not None:
             raise RuntimeError(self.failed)
         return [results[slot] for slot in slots]
+
+
+def follow_rank(model_path: str | Path, **engine_args) -> None:
+    """Run a tensor-parallel rank other than 0 under torchrun (its environment names it): the
+    same engine settings as rank 0's ``LLMEngine``, steps from rank 0 until it stops."""
+    config = EngineConfig(**engine_args)
+    model_path = str(model_path)
+    max_model_len = _max_model_len(config, read_spec(read_config(model_path)))
+    ranks = tensor_parallel.join_torchrun(config.tensor_parallel_size)
+    tensor_parallel.follow(ranks, config, model_path, max_model_len)
+
+
+def _max_model_len(config: EngineConfig, spec) -> int:
+    limit = spec.max_position_embeddings
+    return min(config.max_model_len or limit, limit)
 
 
 def _prompts(prompt: Prompt | list[Prompt]) -> list[Prompt]:

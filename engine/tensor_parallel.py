@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,6 +151,7 @@ def _device(device: str, rank: int) -> str:
 
 
 def _join(rank: int, size: int, init_method: str, device: str) -> Ranks:
+    began = time.monotonic()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(_device(device, rank))
@@ -161,6 +163,8 @@ def _join(rank: int, size: int, init_method: str, device: str) -> Ranks:
         dist.new_group(ranks, timeout=timeout, backend="nccl")
     control = dist.new_group(ranks, timeout=IDLE_TIMEOUT, backend="gloo") if cuda else \
         dist.group.WORLD
+    log.info("tensor parallel: rank %d of %d joined in %.1f s", rank, size,
+             time.monotonic() - began)
     return Ranks(rank, size, group, control)
 
 
