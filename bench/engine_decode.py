@@ -19,15 +19,17 @@ from engine import LLMEngine, SamplingParams
 
 
 def make_engine(model_path: Path, batches: list[int], prompt_len: int, gen_len: int,
-                threads: int, backend: str) -> LLMEngine:
-    """One engine sized for the largest batch: a KV pool that never preempts, one prefill step."""
+                threads: int, backend: str, tensor_parallel_size: int = 1) -> LLMEngine:
+    """One engine sized for the largest batch: a KV pool that never preempts, one prefill step
+    (``threads`` per rank)."""
     block_size = 16
     per_seq = -(-(prompt_len + gen_len) // block_size)
     return LLMEngine(model_path, block_size=block_size, num_blocks=max(batches) * per_seq + 8,
                      max_num_seqs=max(batches),
                      max_num_batched_tokens=max(512, max(batches) * prompt_len),
                      enable_prefix_caching=False, num_threads=threads,
-                     attention_backend=backend, dtype="float32", device="cpu")
+                     attention_backend=backend, dtype="float32", device="cpu",
+                     tensor_parallel_size=tensor_parallel_size)
 
 
 def run_batch(llm: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed: int,

@@ -6,6 +6,7 @@ and serves again."""
 import json
 import os
 import signal
+import threading
 import time
 
 import psutil
@@ -55,10 +56,11 @@ def stream(srv, prompt: str, max_tokens: int, timeout_s: float = 60) -> tuple[li
 
 
 def ranks(srv) -> dict[int, psutil.Process]:
-    """The worker's torchrun ranks by LOCAL_RANK (children of the torchrun process)."""
+    """The worker's torchrun ranks by LOCAL_RANK: TorchServe reports rank 0's PID, whose
+    parent (torchrun's agent) started them all."""
     found = {}
     for pid in worker_pids(srv, "llm"):
-        for child in psutil.Process(pid).children(recursive=True):
+        for child in psutil.Process(pid).parent().children():
             try:
                 rank = child.environ().get("LOCAL_RANK")
             except psutil.Error:
@@ -81,7 +83,6 @@ def test_streamed_completion_equals_tp1(tp_server, checkpoint) -> None:
 
 
 def test_killed_follower_ends_the_stream_and_the_worker_comes_back(tp_server) -> None:
-    import threading
     result = {}
     client = threading.Thread(target=lambda: result.update(
         zip(("lines", "end"), stream(tp_server, "a long story", 600, timeout_s=90))))
