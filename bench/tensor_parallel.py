@@ -1,14 +1,16 @@
 """Tensor-parallel benchmark: the engine with ``tensor_parallel_size`` N against one rank,
 in-process on CPU (gloo), on the same model and workload.
 
-For each side (TP=1 first, then each N of ``--tp``) one engine runs bench/engine_decode.py's
-fixed-batch workload: B prompts of ``--prompt-len`` tokens prefilled in one step, then
-decoded to ``--gen-len`` tokens (greedy, ignore_eos), for each B of ``--batches``. TP=1 gets
-every thread of ``--threads`` (default: all cores); each of N ranks gets threads / N, as the
-engine splits them. Reports prefill and decode tok/s, the bytes of packed weights per rank
-(each rank's shard: linears, embedding and head) and each rank's RSS, then the ratios TP=N /
-TP=1. Both sides run one after the other in one process: on a shared machine compare them
-only within one run.
+Every side (TP=1 and each N of ``--tp``) is one engine, all loaded at once in this process
+(the followers in their own), and each runs bench/engine_decode.py's fixed-batch workload in
+turn, batch size by batch size (so that a change of the machine's load hits every side
+alike): B prompts of ``--prompt-len`` tokens prefilled in one step, then decoded to
+``--gen-len`` tokens (greedy, ignore_eos), for each B of ``--batches``. TP=1 gets every
+thread of ``--threads`` (default: all cores); each of N ranks gets threads / N, as the engine
+splits them. Reports prefill and decode tok/s, the bytes of packed weights per rank (each
+rank's shard: linears, embedding and head) and memory (the RSS that loading the engine added
+to this process, rank 0; each follower's whole RSS), then the ratios TP=N / TP=1.
+On a shared machine compare the sides only within one run.
 
     python bench/tensor_parallel.py --model smollm2 --tp 2 --batches 1,8,32
 """
@@ -48,29 +50,53 @@ def weight_bytes(llm: LLMEngine) -> int:
     return sum(seen.values())
 
 
-def rss_per_rank(llm: LLMEngine) -> list[int]:
-    """Resident bytes of rank 0 (this process) and of each follower process."""
-    pids = [os.getpid()] + ([p.pid for p in llm.ranks.processes] if llm.ranks else [])
-    return [psutil.Process(pid).memory_info().rss for pid in pids]
+def rss_per_rank(llm: LLMEngine, before: int) -> list[int]:
+    """Resident bytes that loading ``llm`` added to this process (rank 0; ``before``: its RSS
+    then), and each follower process's whole RSS (its Python and torch included)."""
+    pids = [p.pid for p in llm.ranks.processes] if llm.ranks else []
+    return [_rss(os.getpid()) - before] + [_rss(pid) for pid in pids]
 
 
-def run_side(model_path: Path, tp: int, args: argparse.Namespace) -> dict:
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def run_sides(model_path: Path, sizes: list[int], args: argparse.Namespace) -> list[dict]:
+    """One engine per tensor parallel size, every batch size on each in turn."""
     batches = [int(b) for b in args.batches.split(",")]
-    llm = make_engine(model_path, batches, args.prompt_len, args.gen_len,
-                      max(1, args.threads // tp), "auto", tensor_parallel_size=tp)
+    engines, sides = {}, []
     try:
-        llm.generate([[5] * 8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                     use_tqdm=False)
-        rows = []
+        for tp in sizes:
+            threads, before = max(1, args.threads // tp), _rss(os.getpid())
+            engines[tp] = make_engine(model_path, batches, args.prompt_len, args.gen_len,
+                                      threads, "auto", tensor_parallel_size=tp)
+            sides.append(dict(tp=tp, threads_per_rank=threads, rows=[],
+                              weight_bytes_per_rank=weight_bytes(engines[tp]),
+                              rss_per_rank=rss_per_rank(engines[tp], before)))
+        for side in sides:      # warm-up
+            _use(side)
+            engines[side["tp"]].generate(
+                [[5] * 8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                use_tqdm=False)
         for b in batches:
-            rows.append(run_batch(llm, b, args.prompt_len, args.gen_len, args.seed))
-            print(f"TP={tp} batch {b}: prefill {rows[-1]['prefill_tok_s']:.0f} tok/s, decode "
-                  f"{rows[-1]['decode_tok_s']:.1f} tok/s (TPOT {rows[-1]['tpot_ms']:.1f} ms)",
-                  flush=True)
-        return dict(tp=tp, threads_per_rank=max(1, args.threads // tp), rows=rows,
-                    weight_bytes_per_rank=weight_bytes(llm), rss_per_rank=rss_per_rank(llm))
+            for side in sides:
+                _use(side)
+                row = run_batch(engines[side["tp"]], b, args.prompt_len, args.gen_len,
+                                args.seed)
+                side["rows"].append(row)
+                print(f"TP={side['tp']} batch {b}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+                      f"decode {row['decode_tok_s']:.1f} tok/s (TPOT {row['tpot_ms']:.1f} ms)",
+                      flush=True)
+        return sides
     finally:
-        llm.close()
+        for llm in engines.values():
+            llm.close()
+
+
+def _use(side: dict) -> None:
+    """This side's threads in this process (torch's are process-wide; followers keep their
+    own)."""
+    torch.set_num_threads(side["threads_per_rank"])
 
 
 def print_table(sides: list[dict]) -> None:
@@ -83,7 +109,8 @@ def print_table(sides: list[dict]) -> None:
                   f"| {row['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x "
                   f"| {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / ref['decode_tok_s']:.2f}x "
                   f"| {row['tpot_ms']:.1f} |")
-    print("| TP | threads per rank | weight MB per rank | vs TP=1 | RSS MB per rank |")
+    print("| TP | threads per rank | weight MB per rank | vs TP=1 "
+          "| RSS MB: added to rank 0 / each follower's |")
     print("|---|---|---|---|---|")
     for side in sides:
         w = side["weight_bytes_per_rank"]
@@ -108,8 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model_path = resolve(args.model)
     caller = torch.get_num_threads()
     try:
-        sides = [run_side(model_path, tp, args)
-                 for tp in [1] + [int(n) for n in args.tp.split(",")]]
+        sides = run_sides(model_path, [1] + [int(n) for n in args.tp.split(",")], args)
     finally:
         torch.set_num_threads(caller)
     print_table(sides)
