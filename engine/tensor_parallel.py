@@ -91,7 +91,10 @@ class Ranks:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:   # noqa: BLE001 - at interpreter exit or after a lost rank
+            log.info("tensor parallel: the process group was already torn down")
 
 
 def start(config: EngineConfig, model_path: str, max_model_len: int) -> Ranks:

@@ -131,7 +131,10 @@ def bind_decoder(embed, weights: list, extras: list[torch.Tensor | None],
     positions, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)``
     (int32 step inputs; caches ``[layers, blocks, block_size, kv_heads, head_dim]``) runs the
     embedding lookup, every layer and the final norm in one call and returns the normed
-    hidden states."""
+    hidden states. ``shard(group_name, vocab_start, vocab)`` then makes it a tensor-parallel
+    shard: its partial rows are summed over that torch.distributed group after the
+    embedding lookup (its table holds rows from ``vocab_start`` of ``vocab``), the output
+    projection and the down projection."""
     linears = [w for w in weights if not isinstance(w, torch.Tensor)]
     plain = [w if isinstance(w, torch.Tensor) else w.values for w in weights]
     quant = [t for w in linears for t in w.tensors[1:]]
