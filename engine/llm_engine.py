@@ -390,8 +390,10 @@ def follow_rank(model_path: str | Path, **engine_args) -> None:
     same engine settings as rank 0's ``LLMEngine``, steps from rank 0 until it stops."""
     config = EngineConfig(**engine_args)
     model_path = str(model_path)
-    max_model_len = _max_model_len(config, read_spec(read_config(model_path)))
+    spec = read_spec(read_config(model_path))
+    sharding.check(spec, config.tensor_parallel_size)     # as rank 0, before joining it
     ranks = tensor_parallel.join_torchrun(config.tensor_parallel_size)
+    max_model_len = _max_model_len(config, spec)
     tensor_parallel.follow(ranks, config, model_path, max_model_len)
 
 
