@@ -17,13 +17,13 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from engine import tensor_parallel
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.faults import NONFINITE, NONFINITE_MESSAGE, sequence_error, step_error
 from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner
-from engine import tensor_parallel
 from engine.models import read_config, read_spec, read_tokenizer, sharding
 from engine.models.gguf_file import eos_ids, is_gguf
 from engine.outputs import EngineStats, RequestOutput
