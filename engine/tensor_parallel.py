@@ -103,6 +103,9 @@ def start(config: EngineConfig, model_path: str, max_model_len: int) -> Ranks:
     size = config.tensor_parallel_size
     if int(os.environ.get("WORLD_SIZE", 0)) == size and "LOCAL_RANK" in os.environ:
         return join_torchrun(size)
+    if dist.is_initialized():
+        raise RuntimeError("one tensor-parallel engine per process: close() the other first "
+                           "(this process already belongs to a torch.distributed group)")
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
     processes = [ctx.Process(target=_follower, daemon=True, name=f"tp-rank-{rank}",

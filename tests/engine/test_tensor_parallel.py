@@ -123,3 +123,12 @@ def test_close_stops_every_rank(tiny_llama) -> None:
 def test_tp_size_that_does_not_divide_the_heads_names_both(tiny_llama) -> None:
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 .* 4 attention heads"):
         LLMEngine(tiny_llama, num_blocks=16, tensor_parallel_size=3)
+
+
+def test_one_tensor_parallel_engine_per_process(tiny_llama) -> None:
+    llm = LLMEngine(tiny_llama, num_blocks=16, tensor_parallel_size=2)
+    try:
+        with pytest.raises(RuntimeError, match="one tensor-parallel engine per process"):
+            LLMEngine(tiny_llama, num_blocks=16, tensor_parallel_size=2)
+    finally:
+        llm.close()
