@@ -20,8 +20,9 @@ from engine import LLMEngine, SamplingParams
 
 def make_engine(model_path: Path, batches: list[int], prompt_len: int, gen_len: int,
                 threads: int, backend: str, dtype: str = "float32",
-                kv_cache_dtype: str = "auto") -> LLMEngine:
-    """One engine sized for the largest batch: a KV pool that never preempts, one prefill step."""
+                kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1) -> LLMEngine:
+    """One engine sized for the largest batch: a KV pool that never preempts, one prefill step
+    (``threads`` per rank)."""
     block_size = 16
     per_seq = -(-(prompt_len + gen_len) // block_size)
     return LLMEngine(model_path, block_size=block_size, num_blocks=max(batches) * per_seq + 8,
@@ -29,7 +30,7 @@ def make_engine(model_path: Path, batches: list[int], prompt_len: int, gen_len: 
                      max_num_batched_tokens=max(512, max(batches) * prompt_len),
                      enable_prefix_caching=False, num_threads=threads,
                      attention_backend=backend, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                     device="cpu")
+                     device="cpu", tensor_parallel_size=tensor_parallel_size)
 
 
 def run_batch(llm: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed: int,

@@ -32,6 +32,7 @@ class EngineConfig:
     num_threads: int | None = None           # torch intra-op threads, set at engine start
     quantization: str | None = None          # int8 | int4 weights at load (HF checkpoints)
     quantization_group_size: int = 32        # inputs sharing one scale
+    tensor_parallel_size: int = 1            # ranks sharing each layer (engine/tensor_parallel.py)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -51,6 +52,8 @@ class EngineConfig:
              f"({self.max_num_seqs}) so every running sequence can decode in one step")
         need(self.max_model_len is None or self.max_model_len > 0,
              f"max_model_len must be positive, got {self.max_model_len}")
+        need(self.tensor_parallel_size > 0,
+             f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
         need(self.num_threads is None or self.num_threads > 0,
              f"num_threads must be positive, got {self.num_threads}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

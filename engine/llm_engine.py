@@ -5,20 +5,26 @@
 A request may carry several prompts, and each prompt with ``n`` or ``best_of`` > 1 is forked
 into its choices when its last chunk is scheduled (engine/parallel_sampling.py); every
 choice of every prompt is a sequence of its own and reports its own deltas.
+With ``tensor_parallel_size`` N > 1 this process is rank 0 of N (engine/tensor_parallel.py):
+the engine is unchanged, the runner's forward runs on every rank; a lost rank ends every
+sequence with an error and the engine refuses new requests (``failed``).
 """
+import os
 import threading
+import weakref
 from pathlib import Path
 
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from engine import tensor_parallel
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.faults import NONFINITE, NONFINITE_MESSAGE, sequence_error, step_error
 from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner
-from engine.models import read_config, read_spec, read_tokenizer
+from engine.models import read_config, read_spec, read_tokenizer, sharding
 from engine.models.gguf_file import eos_ids, is_gguf
 from engine.outputs import EngineStats, RequestOutput
 from engine.parallel_sampling import ParentRequest
@@ -42,10 +48,12 @@ class LLMEngine:
             raise ValueError(f"quantization {self.config.quantization!r} is for dense "
                              "checkpoints; a GGUF file is served in its own types")
         spec = read_spec(config)
-        limit = spec.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or limit, limit)
+        self.max_model_len = _max_model_len(self.config, spec)
         self.eos_token_ids = _eos_ids(model_path, self.tokenizer)
-        self.runner = ModelRunner(self.config, model_path, self.max_model_len, self.eos_token_ids)
+        self.ranks = self._start_ranks(spec, model_path)
+        self.failed: str | None = None      # a lost rank's message: the engine is over
+        self.runner = ModelRunner(self.config, model_path, self.max_model_len, self.eos_token_ids,
+                                  self.ranks)
         self.allocator = BlockAllocator(self.runner.num_blocks, self.config.block_size,
                                         self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.allocator)
@@ -61,10 +69,31 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
+    def _start_ranks(self, spec, model_path: str) -> tensor_parallel.Ranks | None:
+        """The other ranks, for tensor parallelism; on CPU each rank takes its share of the
+        cores unless ``num_threads`` is set."""
+        c = self.config
+        if c.tensor_parallel_size == 1:
+            return None
+        sharding.check(spec, c.tensor_parallel_size)    # before any process starts
+        if c.device == "cpu" and c.num_threads is None:
+            c.num_threads = max(1, len(os.sched_getaffinity(0)) // c.tensor_parallel_size)
+        ranks = tensor_parallel.start(c, model_path, self.max_model_len)
+        weakref.finalize(self, ranks.close)     # at close(), collection or interpreter exit
+        return ranks
+
+    def close(self) -> None:
+        """Stop the other ranks (tensor parallelism); a no-op otherwise."""
+        if self.ranks is not None:
+            self.ranks.close()
+
     def add_request(self, request_id: str, prompt: Prompt | list[Prompt],
                     params: SamplingParams | None = None) -> None:
         """Queue a request: one prompt (text or token ids) or a list of them, each with its
-        own ``n`` choices; raises ValueError if it is malformed or can never fit."""
+        own ``n`` choices; raises ValueError if it is malformed or can never fit, and
+        RuntimeError once a lost rank has ended the engine."""
+        if self.failed is not None:
+            raise RuntimeError(self.failed)
         params = params or SamplingParams()
         prompts = _prompts(prompt)
         vocab = self.runner.model.spec.vocab_size
@@ -152,6 +181,10 @@ class LLMEngine:
         children = [child for _, child in batch.forks]
         try:
             tokens = self.runner.run(batch, self.allocator)
+        except tensor_parallel.RanksLost as exc:    # every request, and every later one
+            self.failed = f"{exc}; this engine stopped"
+            return outputs + [out for rid in list(self.seqs)
+                              for out in self._abort(rid, "error", self.failed)]
         except Exception as exc:    # the step's fault (OOM, kernel error): fail its requests
             message = step_error(exc, len(batch.seqs), self.runner.device)
             return outputs + [out for seq in batch.seqs + children
@@ -209,11 +242,12 @@ class LLMEngine:
                 batch.forks.append((row, child))
             seq.to_fork = 0
 
-    def _abort(self, request_id: str) -> list[RequestOutput]:
+    def _abort(self, request_id: str, reason: str = "abort",
+               error: str | None = None) -> list[RequestOutput]:
         head = self.seqs[request_id]
         choices = head.parent.seqs if head.parent else [head]
         return [out for seq in list(choices) if seq.status is not Status.FINISHED
-                for out in self._finish(seq, "abort")]
+                for out in self._finish(seq, reason, error=error)]
 
     def _append(self, seq: Sequence, token: int) -> list[RequestOutput]:
         if seq.max_tokens == 0:         # prompt scoring only: the sampled token is dropped
@@ -346,7 +380,26 @@ class LLMEngine:
                     r.finish_reason = out.finish_reason
                     r.error = out.error or r.error
                     bar.update(out.finished)
+        if self.failed is not None:
+            raise RuntimeError(self.failed)
         return [results[slot] for slot in slots]
+
+
+def follow_rank(model_path: str | Path, **engine_args) -> None:
+    """Run a tensor-parallel rank other than 0 under torchrun (its environment names it): the
+    same engine settings as rank 0's ``LLMEngine``, steps from rank 0 until it stops."""
+    config = EngineConfig(**engine_args)
+    model_path = str(model_path)
+    spec = read_spec(read_config(model_path))
+    sharding.check(spec, config.tensor_parallel_size)     # as rank 0, before joining it
+    ranks = tensor_parallel.join_torchrun(config.tensor_parallel_size)
+    max_model_len = _max_model_len(config, spec)
+    tensor_parallel.follow(ranks, config, model_path, max_model_len)
+
+
+def _max_model_len(config: EngineConfig, spec) -> int:
+    limit = spec.max_position_embeddings
+    return min(config.max_model_len or limit, limit)
 
 
 def _prompts(prompt: Prompt | list[Prompt]) -> list[Prompt]:

@@ -8,6 +8,10 @@ this step sample from their parent's row. Block copies the allocator queued (cop
 are done before the forward. Logprobs (engine/logprobs.py) are taken from the raw logits,
 before the sampler touches them: of sampled tokens for sequences that score them, and of every
 prompt position for sequences that still owe prompt logprobs.
+
+With tensor parallelism (``ranks``: engine/tensor_parallel.py) the model is this rank's shard
+and its cache holds this rank's KV heads; rank 0 sends each step's flat array and block copies
+to the other ranks, which ``replay`` it, so every rank runs the same forward and logits calls.
 """
 import itertools
 import logging
@@ -21,18 +25,21 @@ from engine import logprobs
 from engine.block_allocator import BlockAllocator
 from engine.config import QUANTIZATIONS, EngineConfig
 from engine.faults import NONFINITE, finite_rows
-from engine.models import AttentionMetadata, CausalLM, Quantization, load_model
+from engine.models import AttentionMetadata, CausalLM, Quantization, load_model, sharding
 from engine.sampler import Sampler
 from engine.scheduler import Batch
 from engine.sequence import Sequence
+from engine.tensor_parallel import LOGITS, STEP, Ranks, RanksLost
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
-                 eos_token_ids: list[int]) -> None:
+                 eos_token_ids: list[int], ranks: Ranks | None = None) -> None:
         self.config = config
+        self.ranks = ranks
+        self.hidden: torch.Tensor | None = None     # a follower: the last step's, for LOGITS
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.cache_dtype = (torch.float8_e4m3fn if config.cache_dtype == "fp8"
@@ -42,6 +49,8 @@ class ModelRunner:
         if config.num_threads is not None:          # process-wide: threads started later follow
             torch.set_num_threads(config.num_threads)
         self.model: CausalLM = load_model(model_path, self.dtype, config.device, max_model_len)
+        if ranks is not None:
+            sharding.shard(self.model, ranks.rank, ranks.size, ranks.group)
         quantization = None if config.quantization is None else Quantization(
             QUANTIZATIONS[config.quantization], config.quantization_group_size)
         self.model.pack(quantization)
@@ -50,7 +59,7 @@ class ModelRunner:
         self.num_blocks = self._size_pool()
         assert self.num_blocks * config.block_size < 2**31, "cache slots are sent as int32"
         spec = self.model.spec
-        shape = (spec.num_layers, self.num_blocks, config.block_size, spec.num_kv_heads,
+        shape = (spec.num_layers, self.num_blocks, config.block_size, self.model.kv_heads,
                  spec.head_dim)
         arena = kernels.HugePageArena()     # on CPU the cache's blocks sit in huge pages
         self.k_cache = arena.zeros(shape, self.cache_dtype, self.device)
@@ -60,7 +69,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         spec = self.model.spec
-        per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
+        per_token = 2 * spec.num_layers * self.model.kv_heads * spec.head_dim
         return per_token * self.config.block_size * self.cache_dtype.itemsize
 
     def _size_pool(self) -> int:
@@ -71,20 +80,34 @@ class ModelRunner:
             budget = c.kv_cache_bytes
         elif self.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(self.device)[0] * c.kv_cache_memory_fraction)
-        else:
-            budget = int(psutil.virtual_memory().available * c.kv_cache_memory_fraction)
+        else:   # the ranks of one host share its memory
+            budget = int(psutil.virtual_memory().available * c.kv_cache_memory_fraction
+                         / c.tensor_parallel_size)
         num_blocks = budget // self.block_bytes
+        if self.ranks is not None:      # every rank's pool has the same blocks
+            num_blocks = self.ranks.min(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"KV budget of {budget} bytes holds no block of {self.block_bytes}")
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, c.block_size,
                  num_blocks * self.block_bytes / 2**20)
         return num_blocks
 
-    @torch.inference_mode()
     def run(self, batch: Batch, allocator: BlockAllocator) -> list[int | None]:
         """Forward ``batch``; the sampled token per sequence (None: partial chunk, NONFINITE:
-        that row's logits were not finite), then one per forked choice."""
-        self.copy_blocks(allocator.take_copies())
+        that row's logits were not finite), then one per forked choice. With other ranks any
+        failure is ``RanksLost``: they may be stopped mid-step, out of step for good."""
+        if self.ranks is None:
+            return self._run(batch, allocator)
+        try:
+            return self._run(batch, allocator)
+        except Exception as exc:
+            raise RanksLost(f"tensor parallel step failed (a rank died or stopped "
+                            f"answering?): {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    @torch.inference_mode()
+    def _run(self, batch: Batch, allocator: BlockAllocator) -> list[int | None]:
+        copies = allocator.take_copies()
+        self.copy_blocks(copies)
         ids, starts, sample_rows = [], [], []
         seq_lens, q_starts = [], [0]
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
@@ -97,13 +120,17 @@ class ModelRunner:
                 sample_rows.append(len(seq_lens) - 1)
         rows = sample_rows + [r for r, _ in batch.forks]
         last = [q_starts[r + 1] - 1 for r in rows]
-        input_ids, pos, meta, last_rows = self._metadata(batch, allocator, ids, starts,
-                                                         seq_lens, q_starts, last)
+        flat, sizes, width = self._flat(batch, allocator, ids, starts, seq_lens, q_starts, last)
+        if self.ranks is not None:
+            copied = np.asarray(copies, dtype=np.int32).reshape(-1)
+            self.ranks.send(STEP, np.concatenate([[len(copies)], copied, sizes, [width], flat]))
+        input_ids, pos, meta, last_rows = self._views(flat, sizes, width)
         hidden = self.model(input_ids, pos, meta)
+        # on every rank: the logits of the sampled rows first, then any prompt rows
+        logits = self.model.logits(hidden.index_select(0, last_rows)) if rows else None
         self._score_prompts(batch, hidden, starts, q_starts)
         tokens: list[int | None] = [None] * (len(batch.seqs) + len(batch.forks))
         if rows:
-            logits = self.model.logits(hidden.index_select(0, last_rows))
             seqs = [batch.seqs[r] for r in sample_rows] + [child for _, child in batch.forks]
             slots = sample_rows + list(range(len(batch.seqs), len(tokens)))   # where tokens go
             finite = finite_rows(logits)
@@ -123,6 +150,31 @@ class ModelRunner:
                 for slot, token in zip(slots, sampled):
                     tokens[slot] = token
         return tokens
+
+    @torch.inference_mode()
+    def replay(self, message: np.ndarray) -> None:
+        """A follower: run the step rank 0 sent (``run``'s block copies, forward and logits
+        of the sampled rows), keeping its hidden states for ``replay_logits``."""
+        n = int(message[0])
+        copies = message[1:1 + 2 * n].reshape(-1, 2).tolist()
+        rest = message[1 + 2 * n:]
+        self.copy_blocks([tuple(c) for c in copies])
+        input_ids, pos, meta, last_rows = self._views(rest[8:].copy(), rest[:7].tolist(),
+                                                      int(rest[7]))
+        self.hidden = self.model(input_ids, pos, meta)
+        if last_rows.numel():
+            self.model.logits(self.hidden.index_select(0, last_rows))
+
+    @torch.inference_mode()
+    def replay_logits(self, rows: np.ndarray) -> None:
+        """A follower: the logits of more rows of the last step (prompt logprobs)."""
+        self.model.logits(self.hidden[torch.from_numpy(rows.astype(np.int64))])
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Logits of some rows of this step's hidden states, on every rank."""
+        if self.ranks is not None:
+            self.ranks.send(LOGITS, np.asarray(rows, dtype=np.int32))
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks ``src -> dst`` in every layer (copy on write of shared blocks)."""
@@ -159,18 +211,16 @@ class ModelRunner:
                 owners.append(seq)
         for i in range(0, len(rows), rows_per_call):
             part = slice(i, i + rows_per_call)
-            index = torch.tensor(rows[part], device=self.device)
-            entries = logprobs.gather(self.model.logits(hidden[index]), targets[part],
+            entries = logprobs.gather(self._logits(hidden, rows[part]), targets[part],
                                       [seq.params.prompt_logprobs for seq in owners[part]])
             for seq, entry in zip(owners[part], entries):
                 seq.prompt_logprobs.append(entry)
 
-    def _metadata(self, batch: Batch, allocator: BlockAllocator, ids: list[int],
-                  starts: list[int], seq_lens: list[int], q_starts: list[int], last: list[int]
-                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Input ids, positions, attention metadata and the rows to sample, built on the host
-        and sent to the device in one non-blocking copy (from pinned memory on CUDA): the
-        layers then read only device tensors, with no host-device sync per layer."""
+    def _flat(self, batch: Batch, allocator: BlockAllocator, ids: list[int],
+              starts: list[int], seq_lens: list[int], q_starts: list[int], last: list[int]
+              ) -> tuple[np.ndarray, list[int], int]:
+        """Input ids, positions, slots, sequence lengths, query starts, the rows to sample and
+        the block tables in one int32 array (with each part's size and the tables' width)."""
         tables = [allocator.table(seq.seq_id) for seq in batch.seqs]
         width = max(len(t) for t in tables)
         block_tables = np.full((len(tables), width), -1, dtype=np.int32)
@@ -189,6 +239,14 @@ class ModelRunner:
         flat = np.zeros(ends[-1], dtype=np.int32)
         for part, end, n in zip(parts, [0] + ends, sizes):
             flat[end:end + n] = part
+        return flat, sizes, width
+
+    def _views(self, flat: np.ndarray, sizes: list[int], width: int
+               ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """``_flat``'s array sent to the device in one non-blocking copy (from pinned memory
+        on CUDA), as input ids, positions, attention metadata and the rows to sample: the
+        layers then read only device tensors, with no host-device sync per layer."""
+        ends = list(itertools.accumulate(-(-n // 4) * 4 for n in sizes))
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
             host = host.pin_memory()

@@ -38,6 +38,13 @@ every in-flight stream ends with a last chunk carrying an error, new requests ge
 the engine thread stops (TorchServe 0.12 itself closes the worker socket and SIGKILLs the
 worker on scale-down or stop, with no window to send anything: docs/serving.md,
 "Reliability").
+
+Tensor parallelism (``parallelType: tp`` with a ``torchrun:`` block): TorchServe starts the
+worker through torchrun, and every rank loads this handler and gets every request. Rank 0
+runs the engine and streams as above (only its replies reach the wire); the other ranks run
+the follower loop of engine/tensor_parallel.py on a thread and answer every call with ""
+at once, so TorchServe is never held. A lost rank ends every stream with an error chunk,
+then rank 0 exits so that torchrun / TorchServe start the worker again.
 """
 import json
 import logging
@@ -50,6 +57,7 @@ from typing import Any
 from ts.torch_handler.base_handler import BaseHandler
 
 from engine import LLMEngine
+from engine.llm_engine import follow_rank
 from handlers.engine_loop import EngineLoop, Stopping
 from handlers.framing import Framer, error_body
 from handlers.keeper import ROUTE as HOLD_ROUTE, Keeper
@@ -77,14 +85,21 @@ class ContinuousBatchingHandler(BaseHandler):
         self.hold: str | None = None           # the hold request this worker keeps open
         self.keeper: Keeper | None = None
         self.model_name = ""
+        self.follower: threading.Thread | None = None  # a tensor-parallel rank other than 0
 
     def initialize(self, context: Any) -> None:
         self.settings = HandlerSettings.from_context(context)
         self.model_name = context.model_name
+        if self.settings.tensor_parallel_rank:
+            self.follower = threading.Thread(target=self._follow, name="tp-follower",
+                                             daemon=True)
+            self.follower.start()
+            self.context, self.initialized = context, True
+            return
         engine = LLMEngine(self.settings.model_path, **self.settings.engine_args())
         metrics = StreamMetrics(context.metrics, context.model_name)
         self.loop = EngineLoop(engine, self.settings.lease_s, metrics,
-                               self.settings.metrics_interval_s)
+                               self.settings.metrics_interval_s, self._on_fatal)
         self.loop.start()
         self.keeper = Keeper.from_env(context.model_name, lambda: self.hold is not None)
         if self.keeper is not None:
@@ -96,6 +111,8 @@ class ContinuousBatchingHandler(BaseHandler):
         logger.info("engine ready: %s", engine.config)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        if self.follower is not None:   # rank 0 answers; TorchServe drops these replies
+            return [""] * len(data)
         assert self.loop is not None and self.settings is not None
         ids = [context.get_request_id(idx) for idx in range(len(data))]
         self._abort_missing(set(ids))
@@ -144,6 +161,28 @@ class ContinuousBatchingHandler(BaseHandler):
         for idx in held:                # no response yet: the status line stays unsent
             del context.request_ids[idx]
         return replies
+
+    def _follow(self) -> None:
+        """A follower rank: run rank 0's steps; exit the process when that ends (rank 0 or
+        another rank is gone) so that torchrun starts the ranks again."""
+        try:
+            follow_rank(self.settings.model_path, **self.settings.engine_args())
+            logger.info("tensor parallel: rank 0 stopped this rank")
+        except BaseException:   # noqa: BLE001 - any end of the loop ends the rank
+            logger.exception("tensor parallel: this rank lost the others")
+        os._exit(1)
+
+    def _on_fatal(self) -> None:
+        """The engine lost a rank: let the streams' error chunks go out, then exit so that
+        the worker is started again (a process cannot rejoin its ranks)."""
+        def leave() -> None:
+            deadline = time.monotonic() + 10
+            while self.framers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)         # the last replies leave the socket
+            logger.error("tensor parallel: exiting the worker after a lost rank")
+            os._exit(1)
+        threading.Thread(target=leave, name="tp-exit", daemon=True).start()
 
     def _on_sigterm(self, _signum: int, _frame: Any) -> None:
         logger.info("SIGTERM: draining the engine")

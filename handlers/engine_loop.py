@@ -5,7 +5,9 @@ thread. Each request has a RequestStream that collects the engine's deltas until
 drains them. A request whose lease is not renewed (its client is gone and TorchServe stopped
 sending it) is aborted here, so its KV blocks return to the pool; so is one past its deadline,
 which finishes with an error and an HTTP status for the handler to send. ``stop`` fails
-every stream (a drain) and lets the thread free their blocks before it ends. This file knows
+every stream (a drain) and lets the thread free their blocks before it ends. An engine that
+failed for good (``engine.failed``: a tensor-parallel rank was lost) has ended every request
+with an error; the loop then stops and calls ``on_fatal``. This file knows
 the engine API and threads, never TorchServe's wire format.
 """
 import logging
@@ -54,8 +56,9 @@ class EngineLoop:
     """Owns the engine; ``submit``/``abort``/``renew``/``drain``/``wait`` are thread-safe."""
 
     def __init__(self, engine: Any, lease_s: float, metrics: StreamMetrics | None,
-                 metrics_interval_s: float = 0.5) -> None:
+                 metrics_interval_s: float = 0.5, on_fatal: Any = None) -> None:
         self.engine = engine
+        self.on_fatal = on_fatal
         self.lease_s = lease_s
         self.metrics = metrics
         self.metrics_interval_s = metrics_interval_s
@@ -198,7 +201,16 @@ class EngineLoop:
                 for out in outputs:
                     self._push(out, now)
                 self._stats = asdict(stats)
+                failed = getattr(self.engine, "failed", None)
+                if failed:
+                    logger.error("engine failed for good: %s", failed)
+                    self._fail_all(failed, 500)
+                    self._stopping = True
                 self._cond.notify_all()
+            if failed:
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
             self._emit_engine_metrics(stats, now, idle=stats.num_running + stats.num_waiting == 0)
 
     def _push(self, out: Any, now: float) -> None:

@@ -3,8 +3,9 @@
 Engine knobs are handed to ``LLMEngine`` unchanged; request limits and streaming knobs stay
 in the handler. This file must never touch TorchServe's wire protocol or the engine's state.
 Where the worker runs comes from TorchServe: on CUDA the GPU it assigned (``gpu_id``), on CPU
-an equal share of the cores for each of the model's ``maxWorkers`` unless ``num_threads`` or
-``OMP_NUM_THREADS`` is set.
+an equal share of the cores for each of the model's ``maxWorkers`` (and each torchrun rank of
+a worker) unless ``num_threads`` or ``OMP_NUM_THREADS`` is set. ``parallelType: tp`` sets
+``tensor_parallel_size`` to the ranks torchrun started (``WORLD_SIZE``).
 """
 import os
 from dataclasses import fields
@@ -70,9 +71,22 @@ class HandlerSettings(BaseModel):
         settings.place(context.model_yaml_config or {}, context.system_properties)
         return settings
 
+    @property
+    def tensor_parallel_rank(self) -> int:
+        """This process's rank among the worker's tensor-parallel ranks (0 without them)."""
+        if int((self.model_extra or {}).get("tensor_parallel_size") or 1) == 1:
+            return 0
+        return int(os.environ.get("RANK", 0))
+
     def place(self, model_config: dict[str, Any], system_properties: dict[str, Any]) -> None:
         """Pin this worker's engine to TorchServe's GPU for it, or to its share of the cores."""
         extra = self.model_extra
+        if model_config.get("parallelType") == "tp":
+            world = int(os.environ.get("WORLD_SIZE", 0))
+            if not world:
+                raise ValueError("parallelType: tp needs a torchrun: block (nproc-per-node) in "
+                                 "model-config.yaml: this worker was not started by torchrun")
+            extra["tensor_parallel_size"] = world
         device = str(extra.get("device", "cpu"))
         gpu_id = system_properties.get("gpu_id")
         if device == "cuda" and gpu_id is not None:     # cuda:N in the config wins
@@ -80,6 +94,7 @@ class HandlerSettings(BaseModel):
         elif device == "cpu" and extra.get("num_threads") is None \
                 and "OMP_NUM_THREADS" not in os.environ:        # set by the operator: kept
             workers = max(1, int(model_config.get("maxWorkers") or 1))
+            workers *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             extra["num_threads"] = max(1, len(os.sched_getaffinity(0)) // workers)
 
     def engine_args(self) -> dict[str, Any]:

@@ -155,7 +155,11 @@ def bind_decoder(embed, weights: list, extras: list[torch.Tensor | None],
     positions, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc)``
     (int32 step inputs; caches ``[layers, blocks, block_size, kv_heads, head_dim]``) runs the
     embedding lookup, every layer and the final norm in one call and returns the normed
-    hidden states. None where the weights are not packed for the CPU (Triton's)."""
+    hidden states. ``shard(group_name, vocab_start, vocab)`` then makes it a tensor-parallel
+    shard: its partial rows are summed over that torch.distributed group after the
+    embedding lookup (its table holds rows from ``vocab_start`` of ``vocab``), the output
+    projection and the down projection. None where the weights are not packed for the CPU
+    (Triton's)."""
     from kernels.cpu_linear import PackedWeight
     linears = [w for w in weights if not isinstance(w, torch.Tensor)]
     if not all(isinstance(w, PackedWeight) for w in [embed, *linears]):

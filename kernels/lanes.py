@@ -71,6 +71,18 @@ class Lanes:
         mins = None if self.mins is None else self.mins[index]
         return Lanes(self.values[index], self.scales[index], mins, self.bits)
 
+    def columns(self, start: int, stop: int) -> "Lanes":
+        """The lanes of inputs ``start:stop`` of every row (a row-parallel shard); the cut
+        must fall on group boundaries, where the scales and mins split with the values."""
+        group = self.group
+        if start % group or stop % group:
+            raise ValueError(f"inputs {start}:{stop} of a weight quantized in groups of {group} "
+                             "do not fall on group boundaries")
+        cut = slice(start // group, stop // group)
+        mins = None if self.mins is None else self.mins[:, cut].contiguous()
+        return Lanes(self.values[:, start:stop].contiguous(), self.scales[:, cut].contiguous(),
+                     mins, self.bits)
+
     @staticmethod
     def concat(parts: list["Lanes"]) -> "Lanes":
         """Row-wise concatenation (fused q/k/v, gate/up) in a common form: the widest bits,

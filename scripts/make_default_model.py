@@ -1,6 +1,6 @@
 """Builds a small Hugging Face checkpoint directory, offline and deterministically.
 
-Owns the model sizes (`tiny` for tests, `default` for CPU serving), the architectures (llama,
+Owns the model sizes (`tiny` and `tiny-mqa` for tests, `default` for CPU serving), the architectures (llama,
 qwen2, qwen3), weight initialisation and the on-disk layout: config.json, model.safetensors
 (or shards plus model.safetensors.index.json), generation_config.json, tokenizer.json,
 tokenizer_config.json (with the chat template) and a `make_model.json` stamp of the settings, so
@@ -47,6 +47,8 @@ SIZES = {
                     num_key_value_heads=4, intermediate_size=1408, max_position_embeddings=2048,
                     initializer_range=0.02, tie_word_embeddings=True),
 }
+# one KV head (multi-query) and tied embeddings: tensor parallelism replicates the KV head
+SIZES["tiny-mqa"] = dict(SIZES["tiny"], num_key_value_heads=1, tie_word_embeddings=True)
 DEFAULT_TRAIN_STEPS = {"tiny": 0, "default": 250}
 ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),

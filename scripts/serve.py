@@ -116,7 +116,10 @@ def start_server(model_store: Path, models: tuple[str, ...] = MODELS, run_dir: P
     (run_dir / "key_file.json").unlink(missing_ok=True)
     ports = ports or dict(DEFAULT_PORTS)
     config = render_config(run_dir, ports, Path(model_store).resolve())
-    env = dict(os.environ, LOG_LOCATION=str(run_dir / "logs"),
+    # PATH first names this interpreter's scripts: TorchServe runs `torchrun` by name for a
+    # parallelType tp model
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, PATH=path, LOG_LOCATION=str(run_dir / "logs"),
                METRICS_LOCATION=str(run_dir / "logs"), TMPDIR=str(run_dir / "tmp"),
                **frontend_env(f"http://127.0.0.1:{ports['inference']}",
                               run_dir / "key_file.json" if token_auth else None))

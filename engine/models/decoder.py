@@ -8,6 +8,7 @@ each); the loader concatenates the checkpoint's separate weights into them.
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
@@ -55,12 +56,14 @@ class Linear(torch.nn.Linear):
     quantized ``kernels.Lanes`` or a dense tensor of another dtype, from a GGUF file). Once
     ``pack`` has run it keeps only its packed weight for ``kernels.linear_packed`` where the
     kernels take it (on CPU any format, under Triton quantized lanes); elsewhere a dense
-    weight and ``F.linear``."""
+    weight and ``F.linear``. A row-parallel shard (engine/models/sharding.py) has a
+    ``group``: its output is the sum of every rank's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.packed = None
         self.stored: kernels.Lanes | torch.Tensor | None = None
+        self.group = None
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None) -> None:
         """Replace the weight by its packed form (in ``arena`` on CPU) where the kernels
@@ -85,8 +88,12 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return kernels.linear_packed(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = kernels.linear_packed(x, self.packed, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.group is not None:
+            dist.all_reduce(y, group=self.group)
+        return y
 
 
 class RMSNorm(torch.nn.Module):
@@ -203,6 +210,8 @@ class DecoderModel(torch.nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.compiled: torch.ScriptObject | None = None     # the whole decoder, once packed
         self.embed_table = None     # the packed embedding table the lookup reads, once packed
+        self.vocab_start = 0        # a vocab-parallel shard's first row, summed over group
+        self.group = None
 
     def pack(self, arena: kernels.HugePageArena, quantization: Quantization | None
              ) -> list | None:
@@ -221,6 +230,9 @@ class DecoderModel(torch.nn.Module):
                 [e for part in parts for e in part[1]], self.norm.weight.float(),
                 (self.rope.cos, self.rope.sin), self.norm.eps, a.scale,
                 (a.num_heads, a.num_kv_heads, a.head_dim))
+            if self.compiled is not None and self.group is not None:
+                self.compiled.shard(self.group.group_name, self.vocab_start,
+                                    self.embed_tokens.num_embeddings)
         self.embed_table = embed
         self.embed_tokens.weight = None     # the lookup reads the packed table
 
@@ -237,15 +249,32 @@ class DecoderModel(torch.nn.Module):
             return self.compiled.forward(input_ids, positions, self.k_cache, self.v_cache,
                                          meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                          meta.query_start_loc)
-        if self.embed_table is not None:
-            residual = kernels.embedding_packed(input_ids, self.embed_table)
-        else:
-            residual = self.embed_tokens(input_ids)
+        residual = self.embed(input_ids)
         x = torch.zeros_like(residual)
         rot = self.rope.table(positions)
         for layer in self.layers:
             x, residual = layer(x, residual, rot, meta)
         return self.norm(x, residual)[0]
+
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows; a vocab-parallel shard looks up its own rows (zeros for the
+        others) and the group sums them."""
+        if self.group is None:
+            return self.rows(input_ids)
+        table = self.embed_tokens.weight if self.embed_table is None else self.embed_table
+        held = table.shape[0] if self.embed_table is None else table.out_features
+        local = input_ids - self.vocab_start
+        owned = (local >= 0) & (local < held)
+        rows = self.rows(torch.where(owned, local, 0)) * owned[:, None]
+        dist.all_reduce(rows, group=self.group)
+        return rows
+
+    def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's embedding rows: from the packed table once bound, in its format."""
+        if self.embed_table is not None:
+            return kernels.embedding_packed(input_ids, self.embed_table)
+        return self.embed_tokens(input_ids)
 
 
 class CausalLM(torch.nn.Module):
@@ -258,6 +287,7 @@ class CausalLM(torch.nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.group = None       # tensor parallel: logits shards are gathered at rank 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -292,8 +322,21 @@ class CausalLM(torch.nn.Module):
                 self.lm_head.weight = embed.weight
         embed.stored = None
 
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this rank's cache holds."""
+        return self.model.attentions[0].num_kv_heads
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits of ``hidden``'s rows; with a group every rank computes its vocabulary shard
+        and rank 0 gets them all (the others get their shard)."""
+        local = self.lm_head(hidden).float()
+        if self.group is None:
+            return local
+        rank = self.group.rank()
+        parts = [torch.empty_like(local) for _ in range(self.group.size())] if rank == 0 else None
+        dist.gather(local, parts, group_dst=0, group=self.group)
+        return torch.cat(parts, dim=-1) if rank == 0 else local
 
     def set_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Every layer's KV cache, ``[layers, blocks, block_size, kv_heads, head_dim]`` each."""

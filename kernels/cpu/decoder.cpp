@@ -15,13 +15,20 @@
 // residual add, fused q/k/v projection, optional per-head q/k RMSNorm (Qwen3), rotary, KV
 // store, paged attention (decode rows in place, prefill chunks by SDPA), output projection,
 // RMSNorm with the residual add, gate/up projection, silu * up, down projection.
+//
+// A tensor-parallel shard (`shard`, engine/models/sharding.py) sums each rank's partial rows
+// after the embedding lookup (vocab parallel), the output projection and the down projection
+// (row parallel), in place on the workspace, by torch.distributed's functional all-reduce
+// called through the dispatcher on the group named; no group: no call.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "ops.h"
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace tsllm {
@@ -40,6 +47,19 @@ Matrix linear_of(const at::Tensor& values, const c10::optional<at::Tensor>& scal
     const Matrix m = matrix_of(values, scales, mins, n, what);
     TORCH_CHECK(m.k == k, "Decoder: ", what, " takes ", m.k, " inputs, the layer gives ", k);
     return m;
+}
+
+// rows [n] summed in place over the process group `group` (torch.distributed's functional ops)
+void all_reduce(float* rows, int64_t n, const std::string& group) {
+    static const c10::OperatorHandle reduce =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce_", "");
+    static const c10::OperatorHandle wait =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+    const at::Tensor t = at::from_blob(rows, {n}, at::TensorOptions().dtype(at::kFloat));
+    std::vector<c10::IValue> stack{t, std::string("sum"), group};
+    reduce.callBoxed(&stack);
+    stack = {t};
+    wait.callBoxed(&stack);
 }
 
 }  // namespace
@@ -99,6 +119,14 @@ struct Decoder : torch::CustomClassHolder {
         }
     }
 
+    // From now on a tensor-parallel shard: sum over the process group `group`; the
+    // embedding holds rows [vocab_start, vocab_start + its rows) of a vocabulary of `vocab`.
+    void shard(std::string group, int64_t vocab_start, int64_t vocab) {
+        TORCH_CHECK(!group.empty() && vocab_start >= 0 && vocab_start + embed_matrix_.n <= vocab,
+                    "Decoder: shard rows outside the vocabulary");
+        group_ = std::move(group), vocab_start_ = vocab_start, vocab_ = vocab;
+    }
+
     // input_ids, positions [tokens] int32; k_cache, v_cache: [layers, blocks, block_size,
     // kv_heads, head_dim] fp32, fp16 or bf16. Returns the final norm's output [tokens, hidden].
     at::Tensor forward(at::Tensor input_ids, at::Tensor positions, at::Tensor k_cache,
@@ -142,7 +170,7 @@ struct Decoder : torch::CustomClassHolder {
         float* s = c + tokens * dim;
         const int32_t* ids = input_ids.data_ptr<int32_t>();
         const int32_t* pos = positions.data_ptr<int32_t>();
-        const int64_t vocab = embed_matrix_.n, max_pos = cos_.size(0);
+        const int64_t vocab = vocab_ ? vocab_ : embed_matrix_.n, max_pos = cos_.size(0);
         for (int64_t t = 0; t < tokens; ++t) {
             TORCH_CHECK(ids[t] >= 0 && ids[t] < vocab, "Decoder: token id ", ids[t],
                         " outside the vocabulary of ", vocab);
@@ -151,7 +179,18 @@ struct Decoder : torch::CustomClassHolder {
             std::memcpy(c + t * dim, cos_.data_ptr<float>() + pos[t] * dim, dim * sizeof(float));
             std::memcpy(s + t * dim, sin_.data_ptr<float>() + pos[t] * dim, dim * sizeof(float));
         }
-        gather_rows(embed_matrix_, ids, tokens, res);
+        if (group_.empty()) {
+            gather_rows(embed_matrix_, ids, tokens, res);
+        } else {    // this shard's rows, zeros for the others, summed over the ranks
+            for (int64_t t = 0; t < tokens; ++t) {
+                const int32_t local = ids[t] - static_cast<int32_t>(vocab_start_);
+                if (local >= 0 && local < embed_matrix_.n)
+                    gather_rows(embed_matrix_, &local, 1, res + t * hidden);
+                else
+                    std::memset(res + t * hidden, 0, hidden * sizeof(float));
+            }
+            all_reduce(res, tokens * hidden, group_);
+        }
         const int32_t* slot = slot_mapping.data_ptr<int32_t>();
         for (int64_t l = 0; l < layers_; ++l) {
             const float* const* p = &ptrs_[8 * l];     // norms, biases, q and k norms
@@ -187,10 +226,12 @@ struct Decoder : torch::CustomClassHolder {
                               query_start_loc, scale_, av);
             }
             matrix_rows(attn, tokens, m[1], p[3], o);
+            if (!group_.empty()) all_reduce(o, tokens * hidden, group_);
             rms_norm_rows(o, hidden, res, p[1], tokens, hidden, eps_, h, hidden);
             matrix_rows(h, tokens, m[2], p[4], gate_up);
             silu_mul_rows(gate_up, tokens, inter, act);
             matrix_rows(act, tokens, m[3], p[5], x);
+            if (!group_.empty()) all_reduce(x, tokens * hidden, group_);
         }
         rms_norm_rows(x, hidden, res, final_norm_.data_ptr<float>(), tokens, hidden, eps_,
                       out.data_ptr<float>(), hidden);
@@ -207,6 +248,8 @@ struct Decoder : torch::CustomClassHolder {
     std::vector<const float*> ptrs_;        // per layer: 2 norms, 4 biases, q, k norms (or null)
     int64_t layers_, heads_, kv_heads_, head_dim_, hidden_, inter_;
     double eps_, scale_;
+    std::string group_;                     // tensor parallel: the process group, else empty
+    int64_t vocab_start_ = 0, vocab_ = 0;   // the embedding shard's first row, the vocabulary
 };
 
 }  // namespace tsllm
@@ -218,5 +261,6 @@ TORCH_LIBRARY_FRAGMENT(tsllm_cpu, m) {
                          std::vector<c10::optional<at::Tensor>>, at::Tensor, at::Tensor,
                          at::Tensor, std::vector<int64_t>, double, double,
                          std::vector<int64_t>>())
+        .def("shard", &tsllm::Decoder::shard)
         .def("forward", &tsllm::Decoder::forward);
 }

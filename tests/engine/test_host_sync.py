@@ -96,7 +96,7 @@ def test_forward_makes_no_host_sync(tiny_llama, audit) -> None:
 def test_step_uploads_once_and_sampler_reads_back_once(tiny_llama, audit) -> None:
     llm = _engine(tiny_llama)
     runner = llm.runner
-    run, metadata = runner.run, runner._metadata
+    run, metadata = runner.run, runner._views
     steps: list[dict] = []
 
     def audited_metadata(*args):
@@ -121,7 +121,7 @@ def test_step_uploads_once_and_sampler_reads_back_once(tiny_llama, audit) -> Non
         out = sampler(*args)
         steps[-1]["sampler_reads"] = audit.reads[before:]
         return out
-    runner.run, runner._metadata, runner.sampler = audited_run, audited_metadata, audited_sampler
+    runner.run, runner._views, runner.sampler = audited_run, audited_metadata, audited_sampler
     mixed = [SamplingParams(temperature=0, max_tokens=4),
              SamplingParams(temperature=0.8, seed=3, top_k=20, top_p=0.9, max_tokens=4),
              SamplingParams(temperature=1.0, min_p=0.05, min_tokens=2, max_tokens=4),

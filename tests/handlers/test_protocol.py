@@ -143,3 +143,28 @@ def test_settings_place_each_worker(tmp_path, monkeypatch):
     assert placed({"device": "cuda:0"}, gpu_id=1) == {"device": "cuda:0"}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert "num_threads" not in placed({}, workers=2)
+
+
+def test_settings_tensor_parallel_from_torchrun(tmp_path, monkeypatch):
+    """parallelType tp: tensor_parallel_size is torchrun's WORLD_SIZE, the rank is RANK, the
+    cores split over the worker's ranks; without torchrun it is an error at load."""
+    (tmp_path / "checkpoint").mkdir()
+    for var in ("OMP_NUM_THREADS", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def settings() -> HandlerSettings:
+        ctx = SimpleNamespace(model_yaml_config={"parallelType": "tp",
+                                                 "handler": {"model_path": "checkpoint"}},
+                              system_properties={"model_dir": str(tmp_path)})
+        return HandlerSettings.from_context(ctx)
+
+    with pytest.raises(ValueError, match="parallelType: tp needs a torchrun: block"):
+        settings()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    s = settings()
+    assert s.engine_args()["tensor_parallel_size"] == 2 and s.tensor_parallel_rank == 1
+    assert s.engine_args()["num_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.setenv("RANK", "0")
+    assert settings().tensor_parallel_rank == 0
