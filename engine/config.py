@@ -82,6 +82,11 @@ class EngineConfig:
         need(self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
+    def model_len(self, limit: int) -> int:
+        """Prompt + output tokens per sequence: ``max_model_len`` within the checkpoint's
+        ``limit`` (its max_position_embeddings)."""
+        return min(self.max_model_len or limit, limit)
+
     @property
     def cache_dtype(self) -> str:
         """The KV cache's element type: a DTYPES name, or fp8 (e4m3)."""

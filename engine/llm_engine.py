@@ -15,7 +15,6 @@ import weakref
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 from engine import tensor_parallel
 from engine.block_allocator import BlockAllocator
@@ -24,8 +23,8 @@ from engine.detokenizer import Detokenizer
 from engine.faults import NONFINITE, NONFINITE_MESSAGE, sequence_error, step_error
 from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner
-from engine.models import read_config, read_spec, read_tokenizer, sharding
-from engine.models.gguf_file import eos_ids, is_gguf
+from engine.models import read_config, read_eos_ids, read_spec, read_tokenizer, sharding
+from engine.models.gguf_file import is_gguf
 from engine.outputs import EngineStats, RequestOutput
 from engine.parallel_sampling import ParentRequest
 from engine.sampling_params import SamplingParams
@@ -48,8 +47,8 @@ class LLMEngine:
             raise ValueError(f"quantization {self.config.quantization!r} is for dense "
                              "checkpoints; a GGUF file is served in its own types")
         spec = read_spec(config)
-        self.max_model_len = _max_model_len(self.config, spec)
-        self.eos_token_ids = _eos_ids(model_path, self.tokenizer)
+        self.max_model_len = self.config.model_len(spec.max_position_embeddings)
+        self.eos_token_ids = read_eos_ids(model_path, self.tokenizer)
         self.ranks = self._start_ranks(spec, model_path)
         self.failed: str | None = None      # a lost rank's message: the engine is over
         self.runner = ModelRunner(self.config, model_path, self.max_model_len, self.eos_token_ids,
@@ -385,39 +384,8 @@ class LLMEngine:
         return [results[slot] for slot in slots]
 
 
-def follow_rank(model_path: str | Path, **engine_args) -> None:
-    """Run a tensor-parallel rank other than 0 under torchrun (its environment names it): the
-    same engine settings as rank 0's ``LLMEngine``, steps from rank 0 until it stops."""
-    config = EngineConfig(**engine_args)
-    model_path = str(model_path)
-    spec = read_spec(read_config(model_path))
-    sharding.check(spec, config.tensor_parallel_size)     # as rank 0, before joining it
-    ranks = tensor_parallel.join_torchrun(config.tensor_parallel_size)
-    max_model_len = _max_model_len(config, spec)
-    tensor_parallel.follow(ranks, config, model_path, max_model_len)
-
-
-def _max_model_len(config: EngineConfig, spec) -> int:
-    limit = spec.max_position_embeddings
-    return min(config.max_model_len or limit, limit)
-
-
 def _prompts(prompt: Prompt | list[Prompt]) -> list[Prompt]:
     """A request's prompts: a list of texts or of token-id lists is many, else one."""
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         return prompt
     return [prompt]
-
-
-def _eos_ids(model_path: str, tokenizer) -> list[int]:
-    """EOS ids from the checkpoint's generation config, else the tokenizer's (a GGUF file's:
-    its EOS and the chat template's end-of-turn token)."""
-    if is_gguf(model_path):
-        return eos_ids(tokenizer)
-    try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:
-        eos = None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 
 __all__ = ["COLLECTIVE_TIMEOUT_S", "LOGITS", "Ranks", "RanksLost", "STEP", "follow",
-           "join_torchrun", "start"]
+           "follow_torchrun", "join_torchrun", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,17 @@ def join_torchrun(size: int) -> Ranks:
         raise ValueError(f"tensor_parallel_size {size} but torchrun started {world} ranks")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return _join(int(os.environ["RANK"]), size, "env://", device)
+
+
+def follow_torchrun(model_path: str, **engine_args) -> None:
+    """Run a rank other than 0 under torchrun (its environment names it): the same engine
+    settings as rank 0's ``LLMEngine``, steps from rank 0 until it stops."""
+    from engine.models import read_config, read_spec, sharding
+    config = EngineConfig(**engine_args)
+    spec = read_spec(read_config(model_path))
+    sharding.check(spec, config.tensor_parallel_size)     # as rank 0, before joining it
+    ranks = join_torchrun(config.tensor_parallel_size)
+    follow(ranks, config, model_path, config.model_len(spec.max_position_embeddings))
 
 
 def follow(ranks: Ranks, config: EngineConfig, model_path: str, max_model_len: int) -> None:

@@ -57,7 +57,7 @@ from typing import Any
 from ts.torch_handler.base_handler import BaseHandler
 
 from engine import LLMEngine
-from engine.llm_engine import follow_rank
+from engine.tensor_parallel import follow_torchrun
 from handlers.engine_loop import EngineLoop, Stopping
 from handlers.framing import Framer, error_body
 from handlers.keeper import ROUTE as HOLD_ROUTE, Keeper
@@ -166,7 +166,7 @@ class ContinuousBatchingHandler(BaseHandler):
         """A follower rank: run rank 0's steps; exit the process when that ends (rank 0 or
         another rank is gone) so that torchrun starts the ranks again."""
         try:
-            follow_rank(self.settings.model_path, **self.settings.engine_args())
+            follow_torchrun(self.settings.model_path, **self.settings.engine_args())
             logger.info("tensor parallel: rank 0 stopped this rank")
         except BaseException:   # noqa: BLE001 - any end of the loop ends the rank
             logger.exception("tensor parallel: this rank lost the others")

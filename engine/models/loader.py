@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from engine.models import gguf_file
 from engine.models.decoder import CausalLM, DecoderSpec
@@ -57,6 +57,20 @@ def read_tokenizer(path: str | Path):
         path = Path(path)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return AutoTokenizer.from_pretrained(path)
+
+
+def read_eos_ids(path: str | Path, tokenizer) -> list[int]:
+    """EOS ids from the checkpoint's generation config, else the tokenizer's (a GGUF file's:
+    its EOS and the chat template's end-of-turn token)."""
+    if gguf_file.is_gguf(path):
+        return gguf_file.eos_ids(tokenizer)
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: str,
