@@ -251,19 +251,22 @@ def test_detokenizer_error_mid_stream_fails_that_stream_alone(handler, monkeypat
 def test_step_fault_fails_its_streams_and_the_next_request_is_served(handler, monkeypatch):
     import torch
     model = handler.loop.engine.runner.model
-    real, calls = model.logits, []
+    real, armed = model.logits, []
 
     def forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
+        if armed:       # the first step after every stream has sent a chunk
+            armed.clear()
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model, "logits", forward)
     fe = Frontend(handler)
-    streams = [fe.send(f"s{i}", LONG | {"stream": True, "max_tokens": 50}) for i in range(3)]
+    streams = [fe.send(f"s{i}", LONG | {"stream": True}) for i in range(3)]
+    fe.run(until=lambda: all(s.chunks and s.lines() for s in streams))
+    armed.append(1)
     fe.run()
     for s in streams:
+        assert s.status == 200
         assert_stream_failed(s, "out of device memory")
     after = fe.send("after", LONG | {"max_tokens": 6})
     fe.run()
