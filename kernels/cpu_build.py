@@ -17,9 +17,9 @@ import torch
 
 __all__ = ["cache_dir", "load"]
 
-SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "matrix.cpp", "norm_rope.cpp",
-           "activation.cpp", "decoder.cpp", "logits.cpp")
-HEADERS = ("vec.h", "lanes.h", "paged_decode.h", "ops.h")
+SOURCES = ("paged_attention.cpp", "store_kv.cpp", "linear.cpp", "matrix.cpp", "int_matrix.cpp",
+           "norm_rope.cpp", "activation.cpp", "decoder.cpp", "logits.cpp")
+HEADERS = ("vec.h", "lanes.h", "paged_decode.h", "ops.h", "matrix_tiles.h")
 # FMAs only where written; OpenMP so that at::parallel_for (inlined from ATen's headers) runs
 # on torch's intra-op threads: without it every op of the extension is single-threaded.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")

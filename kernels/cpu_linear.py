@@ -1,5 +1,5 @@
-"""Linear layers on CPU through the compiled kernels of ``cpu/linear.cpp`` (fp32) and
-``cpu/matrix.cpp`` (bf16, fp16, and quantized lanes), any row count.
+"""Linear layers on CPU through the compiled kernels of ``cpu/linear.cpp`` (fp32),
+``cpu/matrix.cpp`` (bf16, fp16) and ``cpu/int_matrix.cpp`` (quantized lanes), any row count.
 
 A weight ``[out, in]`` is packed once, at load, into panels of 16 outputs stored input-major
 (``pack``, into huge pages): fp32, bf16 and fp16 as they are; quantized ``Lanes`` in chunks
