@@ -276,7 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests-per-stream", type=int, default=2, help="served workload")
     p.add_argument("--threads", type=int, default=1, help="compute threads, each side")
     p.add_argument("--serve-threads", type=int,
-                   help="our served worker's compute threads (default: --threads)")
+                   help="our served worker's compute threads (default: --threads; 0: the "
+                        "handler's own choice, as the README's server)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", help="our kernels backend (auto, reference)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
         vocab = read_config(model_path).vocab_size
         workloads = served_workloads(streams, args.requests_per_stream, vocab,
                                      args.prompt_mean, args.output_mean, args.seed)
-        served_ours = serve_ours(model_path, workloads, args.serve_threads or args.threads)
+        served_ours = serve_ours(model_path, workloads, args.threads if args.serve_threads is None
+                                 else args.serve_threads)
         served_peer = {} if bin_dir is None else serve_llama(bin_dir, gguf, workloads,
                                                              args.threads)
         report["llama_server_command"] = served_peer.pop("command", None)

@@ -30,6 +30,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True       # share KV blocks of identical prompt prefixes
     seed: int = 0
     num_threads: int | None = None           # torch intra-op threads, set at engine start
+    few_rows_threads: int | None = None      # threads for steps of few tokens (model_runner)
     quantization: str | None = None          # int8 | int4 weights at load (HF checkpoints)
     quantization_group_size: int = 32        # inputs sharing one scale
     tensor_parallel_size: int = 1            # ranks sharing each layer (engine/tensor_parallel.py)
@@ -56,6 +57,8 @@ class EngineConfig:
              f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
         need(self.num_threads is None or self.num_threads > 0,
              f"num_threads must be positive, got {self.num_threads}")
+        need(self.few_rows_threads is None or self.few_rows_threads > 0,
+             f"few_rows_threads must be positive, got {self.few_rows_threads}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")

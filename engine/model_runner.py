@@ -12,6 +12,13 @@ prompt position for sequences that still owe prompt logprobs.
 With tensor parallelism (``ranks``: engine/tensor_parallel.py) the model is this rank's shard
 and its cache holds this rank's KV heads; rank 0 sends each step's flat array and block copies
 to the other ranks, which ``replay`` it, so every rank runs the same forward and logits calls.
+
+``few_rows_threads`` (set by the TorchServe handler on CPU: one core less than the worker's)
+runs steps of fewer than ``FEW_ROWS`` tokens on fewer threads. Such a step is a few
+milliseconds of short parallel regions, and when TorchServe's frontend and the handler run on
+one of the same cores every region waits for the thread that lost it: served at 2 threads one
+stream got 56 tok/s against 71 on one thread, while 64 streams got 144 against 110
+(docs/benchmarks.md, "All threads").
 """
 import itertools
 import logging
@@ -32,6 +39,8 @@ from engine.sequence import Sequence
 from engine.tensor_parallel import LOGITS, STEP, Ranks, RanksLost
 
 log = logging.getLogger(__name__)
+
+FEW_ROWS = 4        # tokens in a step below which ``few_rows_threads`` applies
 
 
 class ModelRunner:
@@ -121,6 +130,7 @@ class ModelRunner:
         rows = sample_rows + [r for r, _ in batch.forks]
         last = [q_starts[r + 1] - 1 for r in rows]
         flat, sizes, width = self._flat(batch, allocator, ids, starts, seq_lens, q_starts, last)
+        self._pick_threads(len(ids))
         if self.ranks is not None:
             copied = np.asarray(copies, dtype=np.int32).reshape(-1)
             self.ranks.send(STEP, np.concatenate([[len(copies)], copied, sizes, [width], flat]))
@@ -161,6 +171,7 @@ class ModelRunner:
         self.copy_blocks([tuple(c) for c in copies])
         input_ids, pos, meta, last_rows = self._views(rest[8:].copy(), rest[:7].tolist(),
                                                       int(rest[7]))
+        self._pick_threads(int(input_ids.numel()))
         self.hidden = self.model(input_ids, pos, meta)
         if last_rows.numel():
             self.model.logits(self.hidden.index_select(0, last_rows))
@@ -169,6 +180,15 @@ class ModelRunner:
     def replay_logits(self, rows: np.ndarray) -> None:
         """A follower: the logits of more rows of the last step (prompt logprobs)."""
         self.model.logits(self.hidden[torch.from_numpy(rows.astype(np.int64))])
+
+    def _pick_threads(self, tokens: int) -> None:
+        """This thread's intra-op threads for a step of ``tokens`` tokens."""
+        few, full = self.config.few_rows_threads, self.config.num_threads
+        if few is None or full is None:
+            return
+        want = few if tokens < FEW_ROWS else full
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Logits of some rows of this step's hidden states, on every rank."""

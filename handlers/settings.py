@@ -4,8 +4,10 @@ Engine knobs are handed to ``LLMEngine`` unchanged; request limits and streaming
 in the handler. This file must never touch TorchServe's wire protocol or the engine's state.
 Where the worker runs comes from TorchServe: on CUDA the GPU it assigned (``gpu_id``), on CPU
 an equal share of the cores for each of the model's ``maxWorkers`` (and each torchrun rank of
-a worker) unless ``num_threads`` or ``OMP_NUM_THREADS`` is set. ``parallelType: tp`` sets
-``tensor_parallel_size`` to the ranks torchrun started (``WORLD_SIZE``).
+a worker) unless ``num_threads`` or ``OMP_NUM_THREADS`` is set, with one core of a share of
+several left to TorchServe's frontend in steps of few tokens (``few_rows_threads``:
+engine/model_runner.py). ``parallelType: tp`` sets ``tensor_parallel_size`` to the ranks
+torchrun started (``WORLD_SIZE``).
 """
 import os
 from dataclasses import fields
@@ -95,7 +97,10 @@ class HandlerSettings(BaseModel):
                 and "OMP_NUM_THREADS" not in os.environ:        # set by the operator: kept
             workers = max(1, int(model_config.get("maxWorkers") or 1))
             workers *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            extra["num_threads"] = max(1, len(os.sched_getaffinity(0)) // workers)
+            share = max(1, len(os.sched_getaffinity(0)) // workers)
+            extra["num_threads"] = share
+            if share > 1 and extra.get("few_rows_threads") is None:   # a core for the frontend
+                extra["few_rows_threads"] = share - 1
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for ``LLMEngine(model_path, **engine_args)``."""

@@ -109,6 +109,33 @@ def test_invalid_engine_config_raises(tiny_llama):
         LLMEngine(tiny_llama, no_such_option=1)
 
 
+def test_few_rows_threads_run_small_steps_only(tiny_llama, llm, monkeypatch):
+    """Steps of fewer than FEW_ROWS tokens run on few_rows_threads, larger ones (a prefill) on
+    num_threads; the tokens do not change."""
+    import torch
+    from engine.model_runner import FEW_ROWS
+    expected = _greedy(llm, "a prompt of several tokens").token_ids
+    before = torch.get_num_threads()
+    few = LLMEngine(tiny_llama, num_blocks=64, max_model_len=256, num_threads=2,
+                    few_rows_threads=1)
+    model, seen = few.runner.model, []
+    real = model.forward
+
+    def forward(input_ids, *args, **kwargs):
+        seen.append((input_ids.numel(), torch.get_num_threads()))
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    try:
+        assert _greedy(few, "a prompt of several tokens").token_ids == expected
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0][0] >= FEW_ROWS and seen[0][1] == 2         # the prefill
+    assert len(seen) > 1 and all(threads == 1 for _, threads in seen[1:])
+    with pytest.raises(ValueError, match="few_rows_threads must be positive"):
+        LLMEngine(tiny_llama, few_rows_threads=0)
+
+
 def test_requests_added_from_other_threads(llm):
     expected = _greedy(llm, "threaded").token_ids
     done = {}

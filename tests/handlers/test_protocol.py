@@ -121,8 +121,8 @@ def test_settings_resolve_model_path(tmp_path):
 
 
 def test_settings_place_each_worker(tmp_path, monkeypatch):
-    """CPU: the cores split over maxWorkers unless num_threads or OMP_NUM_THREADS is set;
-    CUDA: the gpu_id TorchServe assigned the worker, unless the config names a device index."""
+    """CPU: the cores split over maxWorkers unless num_threads or OMP_NUM_THREADS is set,
+    one of a share of several left to the frontend in steps of few tokens; CUDA: the gpu_id TorchServe assigned the worker, unless the config names a device index."""
     (tmp_path / "checkpoint").mkdir()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
@@ -136,9 +136,12 @@ def test_settings_place_each_worker(tmp_path, monkeypatch):
         return HandlerSettings.from_context(ctx).engine_args()
 
     assert placed({})["num_threads"] == cores
+    assert placed({}).get("few_rows_threads") == (cores - 1 if cores > 1 else None)
     assert placed({}, workers=2)["num_threads"] == max(1, cores // 2)
     assert placed({}, workers=4 * cores)["num_threads"] == 1
-    assert placed({"num_threads": 3}, workers=2)["num_threads"] == 3
+    assert "few_rows_threads" not in placed({}, workers=4 * cores)
+    assert placed({"few_rows_threads": 1}, workers=1)["few_rows_threads"] == 1
+    assert placed({"num_threads": 3}, workers=2) == {"num_threads": 3}
     assert placed({"device": "cuda"}, workers=2, gpu_id=1) == {"device": "cuda:1"}
     assert placed({"device": "cuda:0"}, gpu_id=1) == {"device": "cuda:0"}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
