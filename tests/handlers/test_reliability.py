@@ -140,7 +140,11 @@ def test_hostile_bodies_are_400_naming_the_field(server, llm_url):
 
 def test_deadline_ends_stream_and_whole_reply_and_frees_blocks(server, llm_url):
     wait_idle(server)
-    body = LONG | {"request_timeout_s": 0.3}
+    started = time.monotonic()      # a deadline well inside what the whole request takes
+    full = requests.post(llm_url, json=LONG, headers=server.headers(), timeout=120)
+    assert full.status_code == 200, full.text
+    deadline = min(0.3, max(0.01, (time.monotonic() - started) / 4))
+    body = LONG | {"request_timeout_s": round(deadline, 3)}
     stream = Stream(server, body).join()
     assert stream.status == 200 and stream.finished_cleanly, stream.__dict__
     last = stream.lines[-1]
