@@ -1,7 +1,8 @@
 """Imports a Llama / Mistral / Qwen2 / Qwen3 GGUF file as a Hugging Face checkpoint directory.
 
 transformers' GGUF reader does the work (config, tokenizer with its chat template, dequantized
-weights); this file checks the architecture first, rebuilds the model as a plain (unquantized)
+weights); this file checks the architecture first, takes the config as the engine reads it (the
+head size the file states, which transformers' reader leaves at Qwen3's default), rebuilds the model as a plain (unquantized)
 transformers model so it can be saved, and writes: config.json with ``architectures``,
 model.safetensors (fp32 unless ``--dtype`` says otherwise), the tokenizer files, and
 generation_config.json whose EOS ids include the chat template's end-of-turn token. The
@@ -24,7 +25,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from engine.models.gguf_file import ARCHITECTURES, architecture, eos_ids, open_reader
+from engine.models.gguf_file import architecture, eos_ids, open_reader, read_config
 
 
 @contextmanager
@@ -48,7 +49,7 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     src, out = Path(src).resolve(), Path(out)
     try:
-        arch = architecture(open_reader(src))
+        architecture(open_reader(src))
     except ValueError as exc:
         raise ValueError(f"{src.name}: {exc}") from exc
     kwargs = dict(gguf_file=src.name)
@@ -60,11 +61,10 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, **kwargs)
     done("tokenizer")
-    quantized = AutoModelForCausalLM.from_pretrained(src.parent, dtype=getattr(torch, dtype),
-                                                     **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(src.parent, config=read_config(src),
+                                                     dtype=getattr(torch, dtype), **kwargs)
     done("weights")
     config = quantized.config
-    config.architectures = [ARCHITECTURES[arch]]
     if hasattr(config, "quantization_config"):     # GGUF models refuse save_pretrained
         del config.quantization_config
     # A fresh model of the same config holds plain tensors: that one can be saved.

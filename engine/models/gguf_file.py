@@ -81,8 +81,24 @@ def _config(file: str, mtime_ns: int) -> PretrainedConfig:
     arch = architecture(reader)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     config.architectures = [ARCHITECTURES[arch]]
+    head_dim = _head_size(reader, arch)
+    if head_dim is not None:        # transformers' reader leaves Qwen3's at its default, 128
+        config.head_dim = head_dim
     config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     return config
+
+
+def _head_size(reader, arch: str) -> int | None:
+    """The attention head size the file states (``<arch>.attention.key_length``), if any."""
+    sizes = {}
+    for kind in ("key", "value"):
+        field = reader.fields.get(f"{arch}.attention.{kind}_length")
+        if field is not None:
+            sizes[kind] = int(field.parts[field.data[0]][0])
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"attention key length {sizes['key']} differs from value length "
+                         f"{sizes['value']}; the engine serves one head size")
+    return next(iter(sizes.values()), None)
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

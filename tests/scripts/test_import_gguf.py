@@ -3,7 +3,9 @@ from pathlib import Path
 
 import gguf
 import pytest
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+import torch
+from gguf_files import write_gguf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from scripts import make_smollm2
 from engine.models.gguf_file import end_of_turn_ids
@@ -21,6 +23,21 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path: Path):
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'.*llama.*qwen3"):
         import_gguf(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_checkpoint_is_the_model(tiny_model: Path, tmp_path: Path):
+    """Each architecture's F32 file imports to its checkpoint's weights (Qwen3's head size
+    from the file, not transformers' default)."""
+    src = write_gguf(tmp_path / "model.gguf", tiny_model, "F32")
+    out = import_gguf(src, tmp_path / "out")
+    want = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert got.config.architectures == want.config.architectures
+    assert getattr(got.config, "head_dim", None) == getattr(want.config, "head_dim", None)
+    ours, theirs = got.state_dict(), want.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
 
 
 def test_smollm2_checkpoint(smollm2_dir: Path):
