@@ -1,7 +1,8 @@
 """Tiny GGUF material for the tests: random valid blocks of a GGUF block type, and a GGUF file
-written from a Hugging Face Llama checkpoint directory the way llama.cpp's converter lays one
-out (llama.* and tokenizer.ggml.* metadata, blk.N.* tensor names, q/k rows permuted for its
-rotary layout), with its matrices stored in a chosen type."""
+written from a Hugging Face Llama, Qwen2 or Qwen3 checkpoint directory the way llama.cpp's
+converter lays one out (``<arch>.*`` and tokenizer.ggml.* metadata, blk.N.* tensor names,
+Qwen2's q/k/v biases, Qwen3's q/k norms and head size, q/k rows permuted for its rotary layout
+in Llama files only), with its matrices stored in a chosen type."""
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ _HEADERS = {"Q8_0": (0, None), "Q4_0": (0, None), "Q5_0": (0, None), "Q4_1": (0,
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -46,7 +48,7 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_name(hf_name: str) -> str:
-    """The llama.cpp tensor name of a Hugging Face Llama weight name."""
+    """The llama.cpp tensor name of a Hugging Face Llama/Qwen weight name."""
     module, kind = hf_name.rsplit(".", 1)
     if module.startswith("model.layers."):
         layer, rest = module[len("model.layers."):].split(".", 1)
@@ -55,22 +57,31 @@ def gguf_name(hf_name: str) -> str:
 
 
 def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], str],
-               raw_tensors: dict[str, tuple[str, np.ndarray]] | None = None) -> Path:
-    """``checkpoint`` (a Llama directory: config.json, model.safetensors, a byte-level BPE
-    tokenizer.json) as the GGUF file ``out``: 2-D weights stored as ``matrix_type`` (F32, F16
-    or a type gguf.quants can quantize; or a function of the GGUF tensor name giving one),
-    norms as F32. ``raw_tensors`` replaces tensors by GGUF name with ``(type name, raw
-    blocks)`` as they are."""
+               raw_tensors: dict[str, tuple[str, np.ndarray]] | None = None,
+               model_name: str | None = None) -> Path:
+    """``checkpoint`` (a Llama, Qwen2 or Qwen3 directory: config.json, model.safetensors, a
+    byte-level BPE tokenizer.json) as the GGUF file ``out``: 2-D weights stored as
+    ``matrix_type`` (F32, F16 or a type gguf.quants can quantize; or a function of the GGUF
+    tensor name giving one), norms and biases as F32. ``raw_tensors`` replaces tensors by GGUF
+    name with ``(type name, raw blocks)`` as they are. ``model_name`` is ``general.name``
+    (llama.cpp writes Mistral models as ``llama`` files named for Mistral)."""
     type_of = matrix_type if callable(matrix_type) else lambda name: matrix_type
     config = json.loads((checkpoint / "config.json").read_text())
-    writer = gguf.GGUFWriter(str(out), "llama")
+    arch = config["model_type"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    writer = gguf.GGUFWriter(str(out), arch)
+    if model_name:
+        writer.add_name(model_name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_rope_dimension_count(head_dim)
+    if arch == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
@@ -82,7 +93,7 @@ def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], s
             kind, raw = raw_tensors[target]
             writer.add_tensor(target, raw, raw_dtype=gguf.GGMLQuantizationType[kind])
             continue
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = permute(w, config["num_attention_heads" if "q_proj" in name
                                else "num_key_value_heads"])
         _add_matrix(writer, target, w, type_of(target) if w.ndim == 2 else "F32")

@@ -1,9 +1,11 @@
 """GGUF files served in their stored types (engine/models/gguf_file.py), against transformers
 reading the same file: F32 and F16 greedy token-identical; Q8_0, Q4_1 and a file mixing five
 block types across the fused q/k/v and gate/up parts score prompts as transformers does on the
-dequantized weights; unsupported, corrupt, mixed-kind and truncated files are refused with an
-error naming the problem; KV blocks all come back. Plus SmolLM2's shipped Q4_1 file against
-transformers' fp32 import of it."""
+dequantized weights; Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms, a head size the file
+states) files, and a Llama file named for Mistral, each both ways; unsupported, corrupt,
+mixed-kind and truncated files are refused with an error naming the problem; KV blocks all
+come back. Plus SmolLM2's shipped Q4_1 file against transformers' fp32 import of it."""
+import json
 import random
 from pathlib import Path
 
@@ -40,8 +42,10 @@ def files(tiny_llama, tmp_path_factory):
 
 
 def _hf(path: Path):
-    """transformers' own reading of the file (dequantized to fp32)."""
+    """transformers' own reading of the file (dequantized to fp32). The config is the file's
+    as the engine reads it: transformers' reader leaves Qwen3's head size at its default."""
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                config=gguf_file.read_config(path),
                                                 dtype=torch.float32).eval()
 
 
@@ -66,12 +70,8 @@ def test_mixed_file_has_mixed_parts(files) -> None:
                 kinds[n] != "F32"}) == len(MIXED)
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16"])
-def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> None:
-    path = files(kind)
-    # F32: the checkpoint itself; F16: transformers on the file's rounded weights
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval() \
-        if kind == "F32" else _hf(path)
+def _assert_greedy(path: Path, hf) -> None:
+    """Batched greedy decoding of the file equals ``hf.generate`` token for token."""
     prompts = _prompts([1, 17, 40, 100], seed=1)
     llm = LLMEngine(path, num_blocks=64, max_num_seqs=4)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
@@ -81,15 +81,13 @@ def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> Non
     assert llm.allocator.num_free == llm.allocator.num_blocks
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "mixed"])
-def test_quantized_files_score_as_transformers(files, kind: str) -> None:
-    path = files(kind)
+def _assert_scores(path: Path, hf) -> None:
+    """A prompt's logprobs from the file match ``hf``'s to the activations' int8 rounding."""
     prompt = _prompts([120], seed=2)[0]
     llm = LLMEngine(path, num_blocks=32)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                 prompt_logprobs=1), use_tqdm=False)[0]
     assert llm.allocator.num_free == llm.allocator.num_blocks
-    hf = _hf(path)
     with torch.no_grad():
         want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], dim=-1)
     got = torch.tensor([p.token.logprob for p in out.prompt_logprobs[1:]], dtype=torch.float64)
@@ -101,6 +99,48 @@ def test_quantized_files_score_as_transformers(files, kind: str) -> None:
     agree = sum(a == b for a, b in zip(top1, want[:-1].argmax(-1).tolist())) / len(top1)
     assert agree >= 0.97, agree         # leading logits of the random model are near-tied
     assert out.token_ids[:1] == _greedy(hf, prompt, 1)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16"])
+def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> None:
+    path = files(kind)
+    # F32: the checkpoint itself; F16: transformers on the file's rounded weights
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval() \
+        if kind == "F32" else _hf(path)
+    _assert_greedy(path, hf)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "mixed"])
+def test_quantized_files_score_as_transformers(files, kind: str) -> None:
+    path = files(kind)
+    _assert_scores(path, _hf(path))
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_each_architecture_as_transformers_reads_it(tiny_model, tmp_path, kind: str) -> None:
+    path = write_gguf(tmp_path / f"{tiny_model.name}-{kind}.gguf", tiny_model, kind)
+    arch = gguf_file.architecture(gguf.GGUFReader(str(path)))
+    assert arch == json.loads((tiny_model / "config.json").read_text())["model_type"]
+    config = gguf_file.read_config(path)
+    assert config.architectures == [gguf_file.ARCHITECTURES[arch]]
+    if arch == "qwen3":         # tiny qwen3's head size is not hidden / heads
+        assert config.head_dim == 32 != config.hidden_size // config.num_attention_heads
+    if kind == "F32":
+        _assert_greedy(path, AutoModelForCausalLM.from_pretrained(tiny_model,
+                                                                  dtype=torch.float32).eval())
+    else:
+        _assert_scores(path, _hf(path))
+
+
+def test_llama_file_named_for_mistral(tiny_llama, tmp_path) -> None:
+    """llama.cpp writes Mistral models as ``llama`` files. transformers' config reader makes
+    one whose general.name is "mistral" a Mistral config (its tensor reader then fails on it
+    with gguf 0.19); the engine serves it as the Llama it is."""
+    path = write_gguf(tmp_path / "mistral.gguf", tiny_llama, "F32", model_name="mistral")
+    config = gguf_file.read_config(path)
+    assert (config.model_type, config.architectures) == ("mistral", ["LlamaForCausalLM"])
+    _assert_greedy(path, AutoModelForCausalLM.from_pretrained(tiny_llama,
+                                                              dtype=torch.float32).eval())
 
 
 def _refused(path: Path, *patterns: str) -> None:
