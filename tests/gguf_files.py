@@ -58,13 +58,16 @@ def gguf_name(hf_name: str) -> str:
 
 def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], str],
                raw_tensors: dict[str, tuple[str, np.ndarray]] | None = None,
-               model_name: str | None = None) -> Path:
+               model_name: str | None = None, rope_scaling: tuple[str, float] | None = None
+               ) -> Path:
     """``checkpoint`` (a Llama, Qwen2 or Qwen3 directory: config.json, model.safetensors, a
     byte-level BPE tokenizer.json) as the GGUF file ``out``: 2-D weights stored as
     ``matrix_type`` (F32, F16 or a type gguf.quants can quantize; or a function of the GGUF
     tensor name giving one), norms and biases as F32. ``raw_tensors`` replaces tensors by GGUF
     name with ``(type name, raw blocks)`` as they are. ``model_name`` is ``general.name``
-    (llama.cpp writes Mistral models as ``llama`` files named for Mistral)."""
+    (llama.cpp writes Mistral models as ``llama`` files named for Mistral); ``rope_scaling``
+    is a ``(type, factor)`` written as ``<arch>.rope.scaling.*`` keys. A checkpoint with
+    llama3 rope scaling gets llama.cpp's ``rope_freqs.weight`` (per-pair divisors)."""
     type_of = matrix_type if callable(matrix_type) else lambda name: matrix_type
     config = json.loads((checkpoint / "config.json").read_text())
     arch = config["model_type"]
@@ -82,7 +85,13 @@ def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], s
     if arch == "qwen3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope_scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        writer.add_rope_scaling_factor(rope_scaling[1])
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", rope_divisors(rope, head_dim))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     _add_tokenizer(writer, checkpoint)
@@ -102,6 +111,24 @@ def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], s
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def rope_divisors(rope: dict, head_dim: int) -> np.ndarray:
+    """What llama.cpp's converter stores for llama3 rope scaling: each frequency pair's
+    divisor (1 for short wavelengths, the factor for long ones, blended between)."""
+    factor, old = rope["factor"], rope["original_max_position_embeddings"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * np.pi * rope["rope_theta"] ** (i / head_dim)
+        if wavelength < old / high:
+            out.append(1.0)
+        elif wavelength > old / low:
+            out.append(factor)
+        else:
+            share = (old / wavelength - low) / (high - low)
+            out.append(1 / ((1 - share) / factor + share))
+    return np.array(out, dtype=np.float32)
 
 
 def _add_matrix(writer: gguf.GGUFWriter, name: str, w: np.ndarray, kind: str) -> None:

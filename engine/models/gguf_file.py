@@ -8,9 +8,12 @@ tensors of that dtype, F32 as fp32. Norms and biases are fp32. Nothing is dequan
 dense copy where the compiled kernels apply; the token embedding is read in its stored type
 (a tied head is the same table). Llama-family files store q and k rows permuted for
 llama.cpp's rotary layout; they are put back in the Hugging Face order (a row permutation,
-exact for every block type), as transformers' GGUF reader does. A tensor of a type the engine
-does not serve, a missing or misshapen tensor, or a truncated file is an error at load that
-names it.
+exact for every block type), as transformers' GGUF reader does. What that reader leaves out of
+the config is read here: the head size a Qwen3 file states, and rope scaling (llama.cpp keeps
+Llama 3's only as per-pair frequency divisors, ``rope_freqs.weight``, read back into llama3
+settings; other kinds as ``rope.scaling.*`` keys). A tensor of a type the engine does not
+serve, a missing or misshapen tensor, a rope scaling it does not serve, or a truncated file is
+an error at load that names it.
 """
 import copy
 from functools import lru_cache
@@ -22,6 +25,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 import kernels
 from engine.models.decoder import CausalLM, DecoderSpec, RMSNorm
+from engine.models.rope import llama3_from_divisors
 
 __all__ = ["ARCHITECTURES", "architecture", "end_of_turn_ids", "eos_ids", "is_gguf", "load_gguf",
            "open_reader", "read_config"]
@@ -41,7 +45,7 @@ _LAYER = {"attn_norm": ("input_layernorm", None), "ffn_norm": ("post_attention_l
           "ffn_gate": ("mlp.gate_up_proj", 0), "ffn_up": ("mlp.gate_up_proj", 1),
           "ffn_down": ("mlp.down_proj", None)}
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_IGNORED = ("rope_freqs.weight",)   # llama3 rope factors: the config's rope_scaling has them
+_IGNORED = ("rope_freqs.weight",)   # llama3 rope divisors: read into the config's rope settings
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -84,6 +88,9 @@ def _config(file: str, mtime_ns: int) -> PretrainedConfig:
     head_dim = _head_size(reader, arch)
     if head_dim is not None:        # transformers' reader leaves Qwen3's at its default, 128
         config.head_dim = head_dim
+    scaling = _rope_scaling(reader, arch, config)
+    if scaling is not None:         # transformers' reader drops it
+        config.rope_parameters = {**(config.rope_parameters or {}), **scaling}
     config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     return config
 
@@ -99,6 +106,28 @@ def _head_size(reader, arch: str) -> int | None:
         raise ValueError(f"attention key length {sizes['key']} differs from value length "
                          f"{sizes['value']}; the engine serves one head size")
     return next(iter(sizes.values()), None)
+
+
+def _rope_scaling(reader, arch: str, config: PretrainedConfig) -> dict | None:
+    """The rope scaling the file states, as ``rope_parameters`` entries: llama.cpp writes
+    llama3 scaling as per-pair frequency divisors (``rope_freqs.weight``), other kinds as
+    ``<arch>.rope.scaling.*`` keys (the engine refuses kinds it does not serve)."""
+    field = reader.fields.get(f"{arch}.rope.scaling.type")
+    kind = bytes(field.parts[field.data[0]]).decode() if field is not None else "none"
+    if kind != "none":
+        factor = reader.fields.get(f"{arch}.rope.scaling.factor")
+        return {"rope_type": kind,
+                "factor": float(factor.parts[factor.data[0]][0]) if factor else 1.0}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None:
+        return None
+    if freqs.tensor_type.name != "F32":
+        raise ValueError(f"tensor 'rope_freqs.weight' has GGUF type {freqs.tensor_type.name}; "
+                         "rope frequency divisors are F32")
+    theta = (config.rope_parameters or {}).get("rope_theta", 10000.0)
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    return llama3_from_divisors(np.asarray(freqs.data), head_dim, float(theta))
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -1,17 +1,24 @@
-"""Rotary position embeddings: inverse frequencies (plain and llama3-scaled) and their application."""
+"""Rotary position embeddings: inverse frequencies (plain, linear- and llama3-scaled), the llama3
+settings behind a GGUF file's per-pair frequency divisors, and their application."""
 import math
 
+import numpy as np
 import torch
+
+SCALINGS = ("default", "linear", "llama3")
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Per-pair rotation frequencies; ``scaling`` is the checkpoint's ``rope_scaling`` dict."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in SCALINGS:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: "
+                         f"{', '.join(SCALINGS)}")
     if kind == "default":
         return inv_freq
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, llama3")
+    if kind == "linear":        # positions divided by the factor
+        return inv_freq / scaling["factor"]
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -22,6 +29,54 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(middle, blended, scaled)
+
+
+def llama3_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> dict | None:
+    """llama3 ``rope_scaling`` settings that divide each pair's frequency by ``divisors``, as
+    llama.cpp stores the scaling (``rope_freqs.weight``); None when every divisor is 1.
+
+    Long wavelengths are divided by the factor, short ones by 1, and those between by
+    1 / ((1 - s) / factor + s), with s linear in 1 / wavelength. Only the wavelength band and
+    that line are determined, so ``low_freq_factor`` is taken as 1: the band's long end is then
+    ``original_max_position_embeddings``. The result is checked against ``divisors``."""
+    divisors = np.asarray(divisors, dtype=np.float64)
+    if divisors.shape != (head_dim // 2,):
+        raise ValueError(f"{divisors.size} rope frequency divisors for head size {head_dim}")
+    factor = float(divisors.max())
+    if np.allclose(divisors, 1.0, rtol=0, atol=1e-6):
+        return None
+    wavelength = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    kept, slowed = divisors <= 1 + 1e-6, divisors >= factor * (1 - 1e-6)
+    middle = ~kept & ~slowed
+    share = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)    # s of each middle pair
+    if middle.sum() >= 2:       # s = a / wavelength + b: the band follows from the line
+        a, b = np.polyfit(1 / wavelength[middle], share, 1)
+        long_end, high = _whole(-a / b), float(_whole(1 - 1 / b))
+    else:                       # any band around the middle pair (if one) that keeps the rest
+        below = wavelength[kept].max() if kept.any() else wavelength.min() / 2
+        above = wavelength[slowed].min() if slowed.any() else wavelength.max() * 2
+        if middle.any():        # the band [long_end / high, long_end] holds it, s stays
+            at, s = float(wavelength[middle][0]), float(share[0])
+            room = below / at       # the band's short end must stay above ``below``
+            grow = 0.5 * min(above / at - 1, (1 - room) / (room / s - 1) if room > s else 1.0)
+            long_end, high = at * (1 + grow), 1 + grow / s
+        else:
+            step = (above / below) ** (1 / 3)
+            long_end, high = above / step, above / below / step
+    settings = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                "high_freq_factor": float(high),
+                "original_max_position_embeddings": _whole(float(long_end))}
+    plain = inverse_frequencies(head_dim, theta, None).double()
+    got = inverse_frequencies(head_dim, theta, settings).double()
+    if not torch.allclose(got, plain / torch.from_numpy(divisors), rtol=1e-4, atol=0):
+        raise ValueError("the rope frequency divisors (rope_freqs.weight) are not a llama3 "
+                         "scaling; the engine serves default, linear and llama3 rope")
+    return settings
+
+
+def _whole(x: float) -> int | float:
+    """``x`` as the integer it is up to fp32 rounding (8191.999 -> 8192), else as it is."""
+    return round(x) if abs(x - round(x)) <= 1e-6 * abs(x) else float(x)
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_files import write_gguf
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine import LLMEngine, SamplingParams
 from engine.models import gguf_file
@@ -70,10 +70,10 @@ def test_mixed_file_has_mixed_parts(files) -> None:
                 kinds[n] != "F32"}) == len(MIXED)
 
 
-def _assert_greedy(path: Path, hf) -> None:
+def _assert_greedy(path: Path, hf, lengths: tuple[int, ...] = (1, 17, 40, 100)) -> None:
     """Batched greedy decoding of the file equals ``hf.generate`` token for token."""
-    prompts = _prompts([1, 17, 40, 100], seed=1)
-    llm = LLMEngine(path, num_blocks=64, max_num_seqs=4)
+    prompts = _prompts(list(lengths), seed=1)
+    llm = LLMEngine(path, num_blocks=128, max_num_seqs=4)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                         use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -148,6 +148,31 @@ def _refused(path: Path, *patterns: str) -> None:
         LLMEngine(path, num_blocks=8)
     for pattern in patterns:
         assert pattern in str(info.value), str(info.value)
+
+
+def test_llama3_rope_scaling_from_its_frequency_divisors(build_tiny, tmp_path) -> None:
+    """llama.cpp keeps Llama 3's rope scaling only as rope_freqs.weight; read back into llama3
+    settings, the file decodes as the checkpoint it came from at lengths where the slowed
+    frequencies matter."""
+    model = build_tiny("llama", rope_scaling="llama3")
+    path = write_gguf(tmp_path / "llama3.gguf", model, "F32")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert gguf_file.read_config(path).rope_parameters["rope_type"] == "llama3"
+    _assert_greedy(path, AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
+                   lengths=(4, 90, 400))
+
+
+def test_linear_rope_scaling_from_the_metadata(tiny_llama, tmp_path) -> None:
+    path = write_gguf(tmp_path / "linear.gguf", tiny_llama, "F32", rope_scaling=("linear", 4.0))
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": 4.0}
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, config=config, dtype=torch.float32)
+    _assert_greedy(path, hf.eval(), lengths=(4, 90, 400))
+
+
+def test_rope_scaling_the_engine_does_not_serve_is_refused(tiny_llama, tmp_path) -> None:
+    path = write_gguf(tmp_path / "yarn.gguf", tiny_llama, "F32", rope_scaling=("yarn", 4.0))
+    _refused(path, "unsupported rope_scaling type 'yarn'")
 
 
 def test_unsupported_type_names_tensor_and_type(tiny_llama, tmp_path) -> None:

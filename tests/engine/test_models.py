@@ -1,12 +1,15 @@
-"""Model loading: llama3 rope scaling and sharded safetensors match transformers; the compiled
-CPU layers match the module-by-module path."""
+"""Model loading: llama3 rope scaling and sharded safetensors match transformers; llama3
+settings read back from a GGUF file's frequency divisors; the compiled CPU layers match the
+module-by-module path."""
+import numpy as np
 import pytest
 import torch
+from gguf_files import rope_divisors
 from transformers import AutoModelForCausalLM
 
 import kernels
 from engine import LLMEngine, SamplingParams
-from engine.models.rope import inverse_frequencies
+from engine.models.rope import inverse_frequencies, llama3_from_divisors
 
 
 @pytest.fixture(scope="module", params=[dict(rope_scaling="llama3"), dict(shards=3)],
@@ -35,6 +38,27 @@ def test_llama3_scaling_changes_only_low_frequencies():
     assert torch.allclose(scaled[-1], plain[-1] / 8)
     with pytest.raises(ValueError, match="unsupported rope_scaling"):
         inverse_frequencies(64, 10000.0, {"rope_type": "yarn"})
+
+
+@pytest.mark.parametrize("head_dim, theta, original", [(128, 500000.0, 8192), (16, 10000.0, 256),
+                                                       (8, 10000.0, 256)],
+                         ids=["llama3.1", "one-blended-pair", "none-blended"])
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_settings_from_gguf_divisors(head_dim, theta, original, factor):
+    """The settings read back from llama.cpp's divisors give the same frequencies, and Llama
+    3.1's own settings where the file determines them."""
+    rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+    divisors = rope_divisors(rope, head_dim)
+    settings = llama3_from_divisors(divisors, head_dim, theta)
+    want = inverse_frequencies(head_dim, theta, rope)
+    assert torch.allclose(inverse_frequencies(head_dim, theta, settings), want, rtol=1e-5, atol=0)
+    if head_dim == 128:
+        assert {k: settings[k] for k in rope if k != "rope_theta"} == \
+            {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert llama3_from_divisors(np.ones(head_dim // 2), head_dim, theta) is None
+    with pytest.raises(ValueError, match="not a llama3 scaling"):
+        llama3_from_divisors(divisors[::-1].copy(), head_dim, theta)
 
 
 def test_compiled_layers_match_the_module_path(tiny_model):

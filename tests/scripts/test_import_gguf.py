@@ -40,6 +40,18 @@ def test_imported_checkpoint_is_the_model(tiny_model: Path, tmp_path: Path):
         assert torch.equal(ours[name], tensor), name
 
 
+def test_imported_llama3_checkpoint_keeps_its_rope_scaling(build_tiny, tmp_path: Path):
+    """A Llama 3 file states its rope scaling only as frequency divisors; the imported config
+    has llama3 settings giving the checkpoint's frequencies."""
+    model = build_tiny("llama", rope_scaling="llama3")
+    out = import_gguf(write_gguf(tmp_path / "llama3.gguf", model, "F32"), tmp_path / "out")
+    want = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert got.config.rope_parameters["rope_type"] == "llama3"
+    assert torch.allclose(got.model.rotary_emb.inv_freq, want.model.rotary_emb.inv_freq,
+                          rtol=1e-5, atol=0)
+
+
 def test_smollm2_checkpoint(smollm2_dir: Path):
     config = AutoConfig.from_pretrained(smollm2_dir)
     assert config.architectures == ["LlamaForCausalLM"]
