@@ -1,7 +1,7 @@
 """Weight-only quantization at load (``quantization: int8 | int4``): the engine scores a prompt
-as transformers does on the same quantized weights (``kernels.quantize`` then dequantized),
-int8 stays close to the dense model and int4 within its coarser bound; wrong settings are
-refused with a message."""
+as transformers does on the same quantized weights (``kernels.quantize`` then dequantized) for
+Llama, Qwen2 and Qwen3, int8 stays close to the dense model and int4 within its coarser bound;
+wrong settings are refused with a message."""
 import math
 import random
 
@@ -63,6 +63,18 @@ def test_matches_transformers_on_the_quantized_weights(tiny_llama, prompt, name:
     got, top1 = _score(llm, prompt)
     want, want_top1 = _hf_score(tiny_llama, bits, group, prompt)
     # only the activations' two-pass int8 rounding (~15 bits) separates the two
+    assert max(abs(g - w) for g, w in zip(got, want)) < 3e-3
+    assert abs(_ppl(got) / _ppl(want) - 1) < 1e-3
+    assert _agree(top1, want_top1) >= 0.97
+
+
+@pytest.mark.parametrize("name,bits", [("int8", 8), ("int4", 4)])
+def test_each_architecture_matches_transformers(tiny_model, prompt, name: str,
+                                                bits: int) -> None:
+    """Qwen2's biases and Qwen3's q/k norms and head size stay as they are around the
+    quantized projections."""
+    got, top1 = _score(LLMEngine(tiny_model, num_blocks=32, quantization=name), prompt)
+    want, want_top1 = _hf_score(tiny_model, bits, 32, prompt)
     assert max(abs(g - w) for g, w in zip(got, want)) < 3e-3
     assert abs(_ppl(got) / _ppl(want) - 1) < 1e-3
     assert _agree(top1, want_top1) >= 0.97
