@@ -212,10 +212,11 @@ def _tensor(t) -> kernels.Lanes | torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape))       # GGUF lists the inner dim first
     if kind in DENSE_TYPES:
         data = np.asarray(t.data)
+        if kind == "BF16":      # gguf's reader gives BF16 data as its raw bytes
+            data = data.view(np.uint16)
         if data.size != int(np.prod(shape)):
             raise ValueError(f"tensor {t.name!r}: {data.size} values for shape {shape}")
-        raw = torch.from_numpy(data.copy().view(np.uint16) if kind == "BF16" else data.copy())
-        return raw.view(DENSE_TYPES[kind]).reshape(shape)
+        return torch.from_numpy(data.copy()).view(DENSE_TYPES[kind]).reshape(shape)
     if len(shape) != 2:
         raise ValueError(f"tensor {t.name!r}: a {kind} tensor of shape {shape} is no matrix")
     try:        # a plain array: numpy's memmap subclass costs ~1 us per slice

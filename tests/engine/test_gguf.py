@@ -1,5 +1,5 @@
 """GGUF files served in their stored types (engine/models/gguf_file.py), against transformers
-reading the same file: F32 and F16 greedy token-identical; Q8_0, Q4_1 and a file mixing five
+reading the same file: F32, F16 and BF16 greedy token-identical; Q8_0, Q4_1 and a file mixing five
 block types across the fused q/k/v and gate/up parts score prompts as transformers does on the
 dequantized weights; Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms, a head size the file
 states) files, and a Llama file named for Mistral, each both ways; unsupported, corrupt,
@@ -101,10 +101,10 @@ def _assert_scores(path: Path, hf) -> None:
     assert out.token_ids[:1] == _greedy(hf, prompt, 1)
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16"])
 def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> None:
     path = files(kind)
-    # F32: the checkpoint itself; F16: transformers on the file's rounded weights
+    # F32: the checkpoint itself; F16, BF16: transformers on the file's rounded weights
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval() \
         if kind == "F32" else _hf(path)
     _assert_greedy(path, hf)
