@@ -17,13 +17,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def _build(tmp_path_factory: pytest.TempPathFactory, arch: str, **kwargs) -> Path:
     from make_default_model import make_model
     name = "-".join([arch] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
-    return make_model(tmp_path_factory.getbasetemp() / "models" / name, size="tiny", arch=arch,
-                      **kwargs)
+    return make_model(tmp_path_factory.getbasetemp() / "models" / name,
+                      **{"size": "tiny", **kwargs}, arch=arch)
 
 
 @pytest.fixture(scope="session")
 def build_tiny(tmp_path_factory: pytest.TempPathFactory):
-    """Builds (once per settings) a tiny checkpoint: ``build_tiny("llama", shards=2)``."""
+    """Builds (once per settings) a checkpoint, tiny unless ``size`` says otherwise:
+    ``build_tiny("llama", shards=2)``, ``build_tiny("llama", size="default", train_steps=0)``."""
     return lambda arch, **kwargs: _build(tmp_path_factory, arch, **kwargs)
 
 

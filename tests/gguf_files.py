@@ -22,18 +22,29 @@ _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
+def random_blocks(type_name: str, rows: int, cols: int, seed: int, scale: float = 1.0,
+                  centered: bool = False) -> np.ndarray:
     """Raw blocks (uint8 ``[rows, bytes per row]``) of a ``rows x cols`` tensor: random
-    integers and sub-block scales, with fp16 scales in [1e-3, 1e-2] (and mins in +-1e-2)."""
+    integers and sub-block scales, with fp16 scales in [1e-3, 1e-2] (and mins in +-1e-2),
+    times ``scale``. ``centered`` sets each K-quant block's min so that its weights average
+    about zero, as a trained model's do (unsigned values with a random min have a large common
+    mean, which makes a random network ill-conditioned)."""
     qtype = gguf.GGMLQuantizationType[type_name]
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
     scale_at, min_at = _HEADERS[type_name]
-    raw[:, scale_at:scale_at + 2] = _half(rng.uniform(1e-3, 1e-2, len(raw)))
+    raw[:, scale_at:scale_at + 2] = _half(scale * rng.uniform(1e-3, 1e-2, len(raw)))
     if min_at is not None:
         low = 0.0 if type_name.endswith("_K") else -1e-2    # K-quants subtract dmin * m
-        raw[:, min_at:min_at + 2] = _half(rng.uniform(low, 1e-2, len(raw)))
+        raw[:, min_at:min_at + 2] = _half(scale * rng.uniform(low, 1e-2, len(raw)))
+    if centered and type_name in ("Q4_K", "Q5_K"):
+        sc, mn = gguf.quants.Q4_K.get_scale_min(raw[:, 4:16].copy())     # [blocks, 8] each
+        d = raw[:, 0:2].copy().view(np.float16).astype(np.float64)
+        middle = 7.5 if type_name == "Q4_K" else 15.5                   # the values' mean
+        dmin = d * middle * sc.mean(axis=1, keepdims=True) / np.maximum(
+            mn.mean(axis=1, keepdims=True), 1)
+        raw[:, 2:4] = _half(dmin[:, 0])
     return raw.reshape(rows, -1)
 
 

@@ -1,10 +1,12 @@
 """GGUF files served in their stored types (engine/models/gguf_file.py), against transformers
-reading the same file: F32, F16 and BF16 greedy token-identical; Q8_0, Q4_1 and a file mixing five
-block types across the fused q/k/v and gate/up parts score prompts as transformers does on the
-dequantized weights; Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms, a head size the file
-states) files, and a Llama file named for Mistral, each both ways; unsupported, corrupt,
-mixed-kind and truncated files are refused with an error naming the problem; KV blocks all
-come back. Plus SmolLM2's shipped Q4_1 file against transformers' fp32 import of it."""
+reading the same file: F32, F16 and BF16 greedy token-identical; Q8_0, Q4_1, a file mixing five
+block types across the fused q/k/v and gate/up parts, and a Q4_K_M-like file of K-quants (Q4_K,
+Q5_K and Q6_K mixed in the fused parts, a Q6_K tied embedding) score prompts as transformers
+does on the dequantized weights; Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms, a head size
+the file states) files, and a Llama file named for Mistral, each both ways; rope scaling as the
+file states it; unsupported, corrupt, mixed-kind and truncated files are refused with an error
+naming the problem; KV blocks all come back. Plus SmolLM2's shipped Q4_1 file against
+transformers' fp32 import of it."""
 import json
 import random
 from pathlib import Path
@@ -13,7 +15,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import write_gguf
+from gguf_files import gguf_name, random_blocks, write_gguf
+from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine import LLMEngine, SamplingParams
@@ -113,6 +116,27 @@ def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> Non
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "mixed"])
 def test_quantized_files_score_as_transformers(files, kind: str) -> None:
     path = files(kind)
+    _assert_scores(path, _hf(path))
+
+
+# a Q4_K_M-like file: K-quants (blocks of 256 inputs) where the inputs allow, mixed inside the
+# fused q/k/v and gate/up, the tied embedding and head Q6_K; down_proj's 1408 inputs Q5_0
+_K_TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+            "ffn_gate": "Q5_K", "ffn_up": "Q4_K", "token_embd": "Q6_K"}
+_K_SCALES = {"Q4_K": 0.015, "Q5_K": 0.007, "Q6_K": 0.002}    # weights' spread ~0.02
+
+
+def test_k_quant_file_scores_as_transformers(build_tiny, tmp_path) -> None:
+    model = build_tiny("llama", size="default", train_steps=0)     # 512 wide, untrained
+    raw = {}
+    for i, (name, w) in enumerate(load_file(str(model / "model.safetensors")).items()):
+        kind = _K_TYPES.get(gguf_name(name).split(".")[-2])
+        if kind is not None and w.ndim == 2:
+            raw[gguf_name(name)] = (kind, random_blocks(kind, *w.shape, seed=i,
+                                                        scale=_K_SCALES[kind], centered=True))
+    path = write_gguf(tmp_path / "k-mix.gguf", model, "Q5_0", raw)
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"Q4_K", "Q5_K", "Q6_K", "Q5_0"} <= kinds
     _assert_scores(path, _hf(path))
 
 
