@@ -56,15 +56,21 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 ROPE_THETA = 10000.0
+ROPE_SCALINGS = ("llama3", "yarn")
 
 
 def rope_parameters(size: str, rope_scaling: str | None) -> dict:
-    """The rope settings; `llama3` scales frequencies as Llama 3.1 does (factor 8)."""
+    """The rope settings; `llama3` scales frequencies as Llama 3.1 does (factor 8), `yarn` as
+    Qwen2.5's long-context setting does (factor 4)."""
     if rope_scaling is None:
         return {"rope_type": "default", "rope_theta": ROPE_THETA}
-    if rope_scaling != "llama3":
-        raise ValueError(f"unknown rope scaling {rope_scaling!r}; known: llama3")
+    if rope_scaling not in ROPE_SCALINGS:
+        raise ValueError(f"unknown rope scaling {rope_scaling!r}; known: "
+                         f"{', '.join(ROPE_SCALINGS)}")
     original = SIZES[size]["max_position_embeddings"] // 4
+    if rope_scaling == "yarn":
+        return {"rope_type": "yarn", "rope_theta": ROPE_THETA, "factor": 4.0,
+                "original_max_position_embeddings": original}
     return {"rope_type": "llama3", "rope_theta": ROPE_THETA, "factor": 8.0,
             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": original}
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="llama")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rope-scaling", choices=["llama3"], default=None)
+    parser.add_argument("--rope-scaling", choices=ROPE_SCALINGS, default=None)
     parser.add_argument("--shards", type=int, default=1, help="safetensors files to split into")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="pretraining steps (default: 0 for tiny, 250 for default)")

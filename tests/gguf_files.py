@@ -78,7 +78,8 @@ def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], s
     name with ``(type name, raw blocks)`` as they are. ``model_name`` is ``general.name``
     (llama.cpp writes Mistral models as ``llama`` files named for Mistral); ``rope_scaling``
     is a ``(type, factor)`` written as ``<arch>.rope.scaling.*`` keys. A checkpoint with
-    llama3 rope scaling gets llama.cpp's ``rope_freqs.weight`` (per-pair divisors)."""
+    llama3 rope scaling gets llama.cpp's ``rope_freqs.weight`` (per-pair divisors), one with
+    yarn its scaling keys."""
     type_of = matrix_type if callable(matrix_type) else lambda name: matrix_type
     config = json.loads((checkpoint / "config.json").read_text())
     arch = config["model_type"]
@@ -103,6 +104,10 @@ def write_gguf(out: Path, checkpoint: Path, matrix_type: str | Callable[[str], s
         writer.add_rope_scaling_factor(rope_scaling[1])
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", rope_divisors(rope, head_dim))
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     _add_tokenizer(writer, checkpoint)

@@ -111,13 +111,24 @@ def _head_size(reader, arch: str) -> int | None:
 def _rope_scaling(reader, arch: str, config: PretrainedConfig) -> dict | None:
     """The rope scaling the file states, as ``rope_parameters`` entries: llama.cpp writes
     llama3 scaling as per-pair frequency divisors (``rope_freqs.weight``), other kinds as
-    ``<arch>.rope.scaling.*`` keys (the engine refuses kinds it does not serve)."""
+    ``<arch>.rope.scaling.*`` keys, yarn's with its original context and ramp (the engine
+    refuses kinds it does not serve)."""
+    def number(key: str) -> float | None:
+        field = reader.fields.get(f"{arch}.rope.scaling.{key}")
+        return None if field is None else float(field.parts[field.data[0]][0])
     field = reader.fields.get(f"{arch}.rope.scaling.type")
     kind = bytes(field.parts[field.data[0]]).decode() if field is not None else "none"
+    if kind == "yarn":
+        if number("yarn_ext_factor") not in (None, 1.0):
+            raise ValueError(f"yarn extrapolation factor {number('yarn_ext_factor')}: the "
+                             "engine serves yarn's full extrapolation (1.0) only")
+        settings = {"rope_type": "yarn", "factor": number("factor"),
+                    "original_max_position_embeddings": int(number("original_context_length")),
+                    "beta_fast": number("yarn_beta_fast"), "beta_slow": number("yarn_beta_slow"),
+                    "attention_factor": number("yarn_attn_factor")}
+        return {k: v for k, v in settings.items() if v is not None}
     if kind != "none":
-        factor = reader.fields.get(f"{arch}.rope.scaling.factor")
-        return {"rope_type": kind,
-                "factor": float(factor.parts[factor.data[0]][0]) if factor else 1.0}
+        return {"rope_type": kind, "factor": number("factor") or 1.0}
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is None:
         return None

@@ -1,24 +1,32 @@
-"""Rotary position embeddings: inverse frequencies (plain, linear- and llama3-scaled), the llama3
-settings behind a GGUF file's per-pair frequency divisors, and their application."""
+"""Rotary position embeddings: inverse frequencies (plain, and linear-, llama3- and yarn-scaled)
+with yarn's attention factor, the llama3 settings behind a GGUF file's per-pair frequency
+divisors, and their application."""
 import math
 
 import numpy as np
 import torch
 
-SCALINGS = ("default", "linear", "llama3")
+SCALINGS = ("default", "linear", "llama3", "yarn")
+
+
+def _kind(scaling: dict | None) -> str:
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in SCALINGS:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: "
+                         f"{', '.join(SCALINGS)}")
+    return kind
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Per-pair rotation frequencies; ``scaling`` is the checkpoint's ``rope_scaling`` dict."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind not in SCALINGS:
-        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: "
-                         f"{', '.join(SCALINGS)}")
+    kind = _kind(scaling)
     if kind == "default":
         return inv_freq
     if kind == "linear":        # positions divided by the factor
         return inv_freq / scaling["factor"]
+    if kind == "yarn":
+        return _yarn(inv_freq, head_dim, theta, scaling)
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -29,6 +37,38 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(middle, blended, scaled)
+
+
+def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN: pairs that turn fewer than ``beta_slow`` times over the original context are
+    divided by the factor, those turning more than ``beta_fast`` times kept, a linear ramp over
+    the pair index between (its ends rounded outwards unless ``truncate`` is false)."""
+    old_len = scaling["original_max_position_embeddings"]
+
+    def pair_at(turns: float) -> float:     # the (fractional) pair index turning ``turns`` times
+        return head_dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    start, stop = pair_at(scaling.get("beta_fast") or 32), pair_at(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        start, stop = math.floor(start), math.ceil(stop)
+    start, stop = max(start, 0), min(stop, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - start) /
+            (stop - start if stop != start else 1e-3)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * ramp + inv_freq * (1 - ramp)
+
+
+def attention_factor(scaling: dict | None) -> float:
+    """What cos and sin are multiplied by: yarn's attention scaling, 1 for the other kinds."""
+    if _kind(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(factor: float, weight: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+    factor = scaling["factor"]
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
 
 
 def llama3_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> dict | None:
@@ -70,7 +110,7 @@ def llama3_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> d
     got = inverse_frequencies(head_dim, theta, settings).double()
     if not torch.allclose(got, plain / torch.from_numpy(divisors), rtol=1e-4, atol=0):
         raise ValueError("the rope frequency divisors (rope_freqs.weight) are not a llama3 "
-                         "scaling; the engine serves default, linear and llama3 rope")
+                         "scaling")
     return settings
 
 
@@ -88,8 +128,9 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        gain = attention_factor(scaling)
+        self.register_buffer("cos", angles.cos() * gain, persistent=False)
+        self.register_buffer("sin", angles.sin() * gain, persistent=False)
 
     def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin rows ``[tokens, 1, dim]`` of a step's positions, looked up once a step."""

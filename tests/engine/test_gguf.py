@@ -194,9 +194,21 @@ def test_linear_rope_scaling_from_the_metadata(tiny_llama, tmp_path) -> None:
     _assert_greedy(path, hf.eval(), lengths=(4, 90, 400))
 
 
+def test_yarn_rope_scaling_from_the_metadata(build_tiny, tmp_path) -> None:
+    """Qwen's long-context setting: llama.cpp writes yarn's type, factor and original context."""
+    model = build_tiny("qwen2", rope_scaling="yarn")
+    path = write_gguf(tmp_path / "yarn.gguf", model, "F32")
+    rope = gguf_file.read_config(path).rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == \
+        ("yarn", 4.0, 256)
+    _assert_greedy(path, AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
+                   lengths=(4, 90, 400))
+
+
 def test_rope_scaling_the_engine_does_not_serve_is_refused(tiny_llama, tmp_path) -> None:
-    path = write_gguf(tmp_path / "yarn.gguf", tiny_llama, "F32", rope_scaling=("yarn", 4.0))
-    _refused(path, "unsupported rope_scaling type 'yarn'")
+    path = write_gguf(tmp_path / "longrope.gguf", tiny_llama, "F32",
+                      rope_scaling=("longrope", 4.0))
+    _refused(path, "unsupported rope_scaling type 'longrope'")
 
 
 def test_unsupported_type_names_tensor_and_type(tiny_llama, tmp_path) -> None:

@@ -1,5 +1,6 @@
-"""Model loading: llama3 rope scaling and sharded safetensors match transformers; llama3
-settings read back from a GGUF file's frequency divisors; the compiled CPU layers match the
+"""Model loading: llama3 and yarn rope scaling and sharded safetensors match transformers;
+yarn's frequencies and attention factor as transformers computes them; llama3 settings read
+back from a GGUF file's frequency divisors; the compiled CPU layers match the
 module-by-module path."""
 import numpy as np
 import pytest
@@ -9,11 +10,12 @@ from transformers import AutoModelForCausalLM
 
 import kernels
 from engine import LLMEngine, SamplingParams
-from engine.models.rope import inverse_frequencies, llama3_from_divisors
+from engine.models.rope import attention_factor, inverse_frequencies, llama3_from_divisors
 
 
-@pytest.fixture(scope="module", params=[dict(rope_scaling="llama3"), dict(shards=3)],
-                ids=["llama3-rope", "sharded"])
+@pytest.fixture(scope="module", params=[dict(rope_scaling="llama3"), dict(rope_scaling="yarn"),
+                                        dict(shards=3)],
+                ids=["llama3-rope", "yarn-rope", "sharded"])
 def variant(request, build_tiny):
     return build_tiny("llama", **request.param)
 
@@ -37,7 +39,26 @@ def test_llama3_scaling_changes_only_low_frequencies():
     assert torch.equal(scaled[:4], plain[:4])
     assert torch.allclose(scaled[-1], plain[-1] / 8)
     with pytest.raises(ValueError, match="unsupported rope_scaling"):
-        inverse_frequencies(64, 10000.0, {"rope_type": "yarn"})
+        inverse_frequencies(64, 10000.0, {"rope_type": "longrope"})
+
+
+@pytest.mark.parametrize("extra", [{}, {"beta_fast": 16, "beta_slow": 2}, {"truncate": False},
+                                   {"attention_factor": 1.3}, {"mscale": 1.0, "mscale_all_dim": 0.5}],
+                         ids=["plain", "betas", "untruncated", "attention-factor", "mscales"])
+@pytest.mark.parametrize("head_dim, theta, factor, original",
+                         [(128, 1e6, 4.0, 32768), (16, 1e4, 8.0, 256)], ids=["qwen2.5", "tiny"])
+def test_yarn_as_transformers_computes_it(head_dim, theta, factor, original, extra):
+    """Frequencies and the attention factor against transformers' own yarn."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
+            "original_max_position_embeddings": original, **extra}
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                         max_position_embeddings=int(original * factor), rope_parameters=rope)
+    want, gain = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    assert torch.allclose(inverse_frequencies(head_dim, theta, rope), want, rtol=1e-6, atol=0)
+    assert attention_factor(rope) == pytest.approx(gain, rel=1e-12)
+    assert attention_factor({"rope_type": "llama3"}) == 1.0
 
 
 @pytest.mark.parametrize("head_dim, theta, original", [(128, 500000.0, 8192), (16, 10000.0, 256),
