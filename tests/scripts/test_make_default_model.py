@@ -73,7 +73,7 @@ def test_bad_settings_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         make_model(tmp_path / "a", arch="gpt2")
     with pytest.raises(ValueError):
-        make_model(tmp_path / "b", rope_scaling="yarn")
+        make_model(tmp_path / "b", rope_scaling="longrope")
     assert not (tmp_path / "a").exists()
 
 
