@@ -119,6 +119,9 @@ def _rope_scaling(reader, arch: str, config: PretrainedConfig) -> dict | None:
     field = reader.fields.get(f"{arch}.rope.scaling.type")
     kind = bytes(field.parts[field.data[0]]).decode() if field is not None else "none"
     if kind == "yarn":
+        if number("factor") is None or number("original_context_length") is None:
+            raise ValueError(f"yarn rope scaling needs {arch}.rope.scaling.factor and "
+                             f"{arch}.rope.scaling.original_context_length")
         if number("yarn_ext_factor") not in (None, 1.0):
             raise ValueError(f"yarn extrapolation factor {number('yarn_ext_factor')}: the "
                              "engine serves yarn's full extrapolation (1.0) only")

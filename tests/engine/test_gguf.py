@@ -209,6 +209,8 @@ def test_rope_scaling_the_engine_does_not_serve_is_refused(tiny_llama, tmp_path)
     path = write_gguf(tmp_path / "longrope.gguf", tiny_llama, "F32",
                       rope_scaling=("longrope", 4.0))
     _refused(path, "unsupported rope_scaling type 'longrope'")
+    path = write_gguf(tmp_path / "yarn.gguf", tiny_llama, "F32", rope_scaling=("yarn", 4.0))
+    _refused(path, "llama.rope.scaling.original_context_length")        # yarn without it
 
 
 def test_unsupported_type_names_tensor_and_type(tiny_llama, tmp_path) -> None:
