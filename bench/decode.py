@@ -126,7 +126,7 @@ def floor(weight_bytes: int, b1: dict | None, sum_gbs: float) -> dict:
 
 
 def gguf_file(kind: str, bin_dir: Path | None) -> Path:
-    """The SmolLM2 GGUF file of ``kind`` (q4_1 as shipped; f32, q8_0, q4_k_m made here)."""
+    """The SmolLM2 GGUF file of ``kind`` (q4_1 as shipped; the others made here)."""
     if kind == "q4_1":
         from scripts.make_smollm2 import smollm2_gguf
         return smollm2_gguf()
@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-llama", action="store_true", help="our side only (no llama.cpp)")
     p.add_argument("--no-serve", action="store_true", help="skip the served comparison")
     p.add_argument("--profile-dir", type=Path, help="torch.profiler tables of decode steps")
-    p.add_argument("--gguf", choices=["q4_1", "q8_0", "q4_k_m", "f32"],
+    p.add_argument("--gguf", choices=["q4_1", "q8_0", "q4_k_m", "q5_0", "q5_k_m", "q6_k", "f32"],
                    help="both sides on this SmolLM2 GGUF file (ours serves it as stored)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
