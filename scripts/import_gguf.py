@@ -1,9 +1,10 @@
 """Imports a Llama / Mistral / Qwen2 / Qwen3 GGUF file as a Hugging Face checkpoint directory.
 
 transformers' GGUF reader does the work (config, tokenizer with its chat template, dequantized
-weights); this file checks the architecture first, takes the config as the engine reads it (the
-head size the file states, which transformers' reader leaves at Qwen3's default), rebuilds the model as a plain (unquantized)
-transformers model so it can be saved, and writes: config.json with ``architectures``,
+weights); this file checks the architecture first, takes the config as the engine reads it
+(``architectures``, the head size and the rope scaling the file states, which transformers'
+reader leaves out), rebuilds the model as a plain (unquantized) transformers model so it can be
+saved, and writes: config.json with ``architectures``,
 model.safetensors (fp32 unless ``--dtype`` says otherwise), the tokenizer files, and
 generation_config.json whose EOS ids include the chat template's end-of-turn token. The
 directory appears whole or not at all (written beside it, then renamed).

@@ -113,25 +113,26 @@ def _rope_scaling(reader, arch: str, config: PretrainedConfig) -> dict | None:
     llama3 scaling as per-pair frequency divisors (``rope_freqs.weight``), other kinds as
     ``<arch>.rope.scaling.*`` keys, yarn's with its original context and ramp (the engine
     refuses kinds it does not serve)."""
-    def number(key: str) -> float | None:
-        field = reader.fields.get(f"{arch}.rope.scaling.{key}")
-        return None if field is None else float(field.parts[field.data[0]][0])
-    field = reader.fields.get(f"{arch}.rope.scaling.type")
-    kind = bytes(field.parts[field.data[0]]).decode() if field is not None else "none"
+    prefix = f"{arch}.rope.scaling."
+    keys = {name[len(prefix):]: field for name, field in reader.fields.items()
+            if name.startswith(prefix)}
+    kind = bytes(keys["type"].parts[keys["type"].data[0]]).decode() if "type" in keys else "none"
+    numbers = {key: float(field.parts[field.data[0]][0]) for key, field in keys.items()
+               if key != "type"}
     if kind == "yarn":
-        if number("factor") is None or number("original_context_length") is None:
-            raise ValueError(f"yarn rope scaling needs {arch}.rope.scaling.factor and "
-                             f"{arch}.rope.scaling.original_context_length")
-        if number("yarn_ext_factor") not in (None, 1.0):
-            raise ValueError(f"yarn extrapolation factor {number('yarn_ext_factor')}: the "
+        if "factor" not in numbers or "original_context_length" not in numbers:
+            raise ValueError(f"yarn rope scaling needs {prefix}factor and "
+                             f"{prefix}original_context_length")
+        if numbers.get("yarn_ext_factor", 1.0) != 1.0:
+            raise ValueError(f"yarn extrapolation factor {numbers['yarn_ext_factor']}: the "
                              "engine serves yarn's full extrapolation (1.0) only")
-        settings = {"rope_type": "yarn", "factor": number("factor"),
-                    "original_max_position_embeddings": int(number("original_context_length")),
-                    "beta_fast": number("yarn_beta_fast"), "beta_slow": number("yarn_beta_slow"),
-                    "attention_factor": number("yarn_attn_factor")}
-        return {k: v for k, v in settings.items() if v is not None}
+        names = {"factor": "factor", "yarn_beta_fast": "beta_fast",
+                 "yarn_beta_slow": "beta_slow", "yarn_attn_factor": "attention_factor"}
+        return {"rope_type": "yarn",
+                "original_max_position_embeddings": int(numbers["original_context_length"]),
+                **{ours: numbers[key] for key, ours in names.items() if key in numbers}}
     if kind != "none":
-        return {"rope_type": kind, "factor": number("factor") or 1.0}
+        return {"rope_type": kind, "factor": numbers.get("factor", 1.0)}
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is None:
         return None
