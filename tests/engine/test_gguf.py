@@ -52,6 +52,11 @@ def _hf(path: Path):
                                                 dtype=torch.float32).eval()
 
 
+def _checkpoint(path: Path):
+    """transformers on the checkpoint directory a file was written from."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(7, 1024) for _ in range(n)] for n in lengths]
@@ -108,8 +113,7 @@ def _assert_scores(path: Path, hf) -> None:
 def test_dense_files_greedy_token_identical(files, tiny_llama, kind: str) -> None:
     path = files(kind)
     # F32: the checkpoint itself; F16, BF16: transformers on the file's rounded weights
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval() \
-        if kind == "F32" else _hf(path)
+    hf = _checkpoint(tiny_llama) if kind == "F32" else _hf(path)
     _assert_greedy(path, hf)
 
 
@@ -150,8 +154,7 @@ def test_each_architecture_as_transformers_reads_it(tiny_model, tmp_path, kind: 
     if arch == "qwen3":         # tiny qwen3's head size is not hidden / heads
         assert config.head_dim == 32 != config.hidden_size // config.num_attention_heads
     if kind == "F32":
-        _assert_greedy(path, AutoModelForCausalLM.from_pretrained(tiny_model,
-                                                                  dtype=torch.float32).eval())
+        _assert_greedy(path, _checkpoint(tiny_model))
     else:
         _assert_scores(path, _hf(path))
 
@@ -163,8 +166,7 @@ def test_llama_file_named_for_mistral(tiny_llama, tmp_path) -> None:
     path = write_gguf(tmp_path / "mistral.gguf", tiny_llama, "F32", model_name="mistral")
     config = gguf_file.read_config(path)
     assert (config.model_type, config.architectures) == ("mistral", ["LlamaForCausalLM"])
-    _assert_greedy(path, AutoModelForCausalLM.from_pretrained(tiny_llama,
-                                                              dtype=torch.float32).eval())
+    _assert_greedy(path, _checkpoint(tiny_llama))
 
 
 def _refused(path: Path, *patterns: str) -> None:
@@ -182,8 +184,7 @@ def test_llama3_rope_scaling_from_its_frequency_divisors(build_tiny, tmp_path) -
     path = write_gguf(tmp_path / "llama3.gguf", model, "F32")
     assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
     assert gguf_file.read_config(path).rope_parameters["rope_type"] == "llama3"
-    _assert_greedy(path, AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
-                   lengths=(4, 90, 400))
+    _assert_greedy(path, _checkpoint(model), lengths=(4, 90, 400))
 
 
 def test_linear_rope_scaling_from_the_metadata(tiny_llama, tmp_path) -> None:
@@ -201,8 +202,7 @@ def test_yarn_rope_scaling_from_the_metadata(build_tiny, tmp_path) -> None:
     rope = gguf_file.read_config(path).rope_parameters
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == \
         ("yarn", 4.0, 256)
-    _assert_greedy(path, AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
-                   lengths=(4, 90, 400))
+    _assert_greedy(path, _checkpoint(model), lengths=(4, 90, 400))
 
 
 def test_rope_scaling_the_engine_does_not_serve_is_refused(tiny_llama, tmp_path) -> None:
@@ -262,7 +262,7 @@ def test_smollm2_shipped_file(smollm2_gguf, smollm2_dir) -> None:
                         use_tqdm=False)
     assert llm.allocator.num_free == llm.allocator.num_blocks
     # smollm2_dir is transformers' fp32 import of this very file: the same weights
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    hf = _checkpoint(smollm2_dir)
     for prompt, out in zip(prompts, outs):
         ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
